@@ -1,0 +1,64 @@
+"""`nnUNetv2_extract_textguided`: fill the embedding store for a dataset/configuration/trainer.
+
+Runs after `nnUNetv2_plan_and_preprocess` (and `nnunet-textguided add-config` for presets). Re-running
+skips every case whose stored embeddings match its preprocessed data and the encoder identity; shard large
+datasets across processes with -num_parts/-part_id like nnUNetv2_predict. Training extracts lazily what is
+missing, so this command is optional — it lets the extraction run once, ahead, on a GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_trainer(dataset: str, configuration: str, trainer_name: str, plans: str = "nnUNetPlans",
+                  fold: int = 0, device: str = "cpu"):
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    name = maybe_convert_to_dataset_name(dataset)
+    folder = join(nnUNet_preprocessed, name)
+    plans_file = join(folder, plans + ".json")
+    if not isfile(plans_file):
+        raise FileNotFoundError(f"{plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    if trainer_class is None:
+        raise RuntimeError(f"trainer '{trainer_name}' not found; run `eval $(nnunet-textguided env)` so that "
+                           "nnUNet_extTrainer points at the package's trainers folder")
+    if not hasattr(trainer_class, "extract"):
+        raise RuntimeError(f"trainer '{trainer_name}' needs no offline embeddings (its conditioning is computed "
+                           "online or from label texts)")
+    return trainer_class(plans=load_json(plans_file), configuration=configuration, fold=fold,
+                         dataset_json=load_json(join(folder, "dataset.json")), device=torch.device(device))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nnUNetv2_extract_textguided", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres or 3d_tiny")
+    p.add_argument("-tr", default="BiCLIPTrainer_offline", help="trainer whose conditioning to extract "
+                   "(default: BiCLIPTrainer_offline)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-num_parts", type=int, default=1)
+    p.add_argument("-part_id", type=int, default=0)
+    p.add_argument("-device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    if not 0 <= args.part_id < args.num_parts:
+        p.error("-part_id must be in [0, num_parts)")
+    try:
+        trainer = build_trainer(args.d, args.c, args.tr, args.p, device=args.device)
+        counts = trainer.extract(num_parts=args.num_parts, part_id=args.part_id)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"nnUNetv2_extract_textguided: error: {e}", file=sys.stderr)
+        return 2
+    print(f"embeddings computed: {counts['computed']}, already current: {counts['skipped']} "
+          f"(store under {trainer.preprocessed_dataset_folder}/textguided)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

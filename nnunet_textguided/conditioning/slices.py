@@ -1,0 +1,158 @@
+"""Per-slice embeddings of 3D volumes (BiCLIP) — one function for the online and the offline path.
+
+Consistency rule (DESIGN.md): a slice is rendered and embedded by exactly the same code whether it is a
+slice of the network's input patch (online mode, inside forward) or a full slice of a preprocessed case
+(paper mode, embedding store / note-aware predictor).
+
+Rendering: nnU-Net-normalised intensities -> fixed window [lo, hi] -> [0, 1] -> 3 identical channels
+(the paper replicates each slice three times). The window is fixed per run (from the plans' CT intensity
+statistics: abdominal window W425/L37.5 HU, i.e. [-175, 250] HU as in CDPDNet; z-score units [-2.5, 2.5]
+for other modalities), never per-slice statistics, so a patch slice and the full slice render alike.
+The encoder then resizes to its own input size and applies its own mean/std.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..encoders import FrozenEncoder, load_encoder
+
+#: positional channels appended in paper mode: (case index + 1, slice index + 1); 0 = outside the volume
+NUM_POSITION_CHANNELS = 2
+CT_WINDOW_HU = (-175.0, 250.0)
+DEFAULT_WINDOW = (-2.5, 2.5)
+
+_ENCODER_CACHE: dict[str, FrozenEncoder] = {}
+
+
+def get_encoder(spec: str, device: torch.device | str = "cpu") -> FrozenEncoder:
+    """Load an encoder once per process (training, validation and extraction share it)."""
+    enc = _ENCODER_CACHE.get(spec)
+    if enc is None:
+        enc = load_encoder(spec, device="cpu")
+        _ENCODER_CACHE[spec] = enc
+    return enc.to(device)
+
+
+def window_from_plans(plans: dict, configuration: dict) -> tuple[float, float]:
+    """Rendering window in normalised units for channel 0."""
+    scheme = configuration.get("normalization_schemes", ["ZScoreNormalization"])[0]
+    if scheme == "CTNormalization":
+        props = plans["foreground_intensity_properties_per_channel"]["0"]
+        mean, std = float(props["mean"]), float(props["std"])
+        return tuple((hu - mean) / max(std, 1e-8) for hu in CT_WINDOW_HU)
+    return DEFAULT_WINDOW
+
+
+@dataclass(frozen=True)
+class SliceStream:
+    """One embedding stream: which encoder, which of its methods (embed_images | embed_captions)."""
+    name: str
+    encoder: str
+    method: str
+
+    def encoder_module(self, device="cpu") -> FrozenEncoder:
+        return get_encoder(self.encoder, device)
+
+
+def render_slices(slices: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """(N, H, W) normalised intensities -> (N, 3, H, W) in [0, 1]."""
+    lo, hi = window
+    x = ((slices.float() - lo) / (hi - lo)).clamp_(0, 1)
+    return x[:, None].expand(-1, 3, -1, -1)
+
+
+def embed_slices(slices: torch.Tensor, stream: SliceStream, window: tuple[float, float],
+                 batch_size: int = 64) -> torch.Tensor:
+    """(N, H, W) -> (N, E) with the stream's frozen encoder."""
+    enc = stream.encoder_module(slices.device)
+    return getattr(enc, stream.method)(render_slices(slices, window), batch_size=batch_size).float()
+
+
+def slice_table(volume: np.ndarray | torch.Tensor, stream: SliceStream, window: tuple[float, float],
+                device="cpu", batch_size: int = 64) -> torch.Tensor:
+    """Whole-case table for paper mode: volume (C, D, H, W) -> (D + 1, E).
+
+    Row 0 is the embedding of an all-zero slice, used for patch slices that lie outside the volume
+    (nnU-Net pads with 0, so online mode sees exactly that slice there); row z + 1 is slice z of channel 0.
+    """
+    v = torch.as_tensor(np.asarray(volume[0]) if not torch.is_tensor(volume) else volume[0]).to(device).float()
+    slices = torch.cat((torch.zeros_like(v[:1]), v), 0)
+    return embed_slices(slices, stream, window, batch_size).cpu()
+
+
+class OnlineSliceConditioner:
+    """Online mode: embed the slices of the network's input patch inside forward (exact under stock predict)."""
+
+    def __init__(self, streams: list[SliceStream], window: tuple[float, float], batch_size: int = 64):
+        self.streams, self.window, self.batch_size = list(streams), tuple(window), batch_size
+
+    def apply_to_encoders(self, fn) -> None:
+        for s in self.streams:
+            s.encoder_module()._apply(fn)
+
+    def __call__(self, x: torch.Tensor):
+        b, _, d = x.shape[:3]
+        slices = x[:, 0].reshape(b * d, *x.shape[3:])
+        return x, {s.name: embed_slices(slices, s, self.window, self.batch_size).reshape(b, d, -1)
+                   for s in self.streams}
+
+
+class MissingCaseConditioningError(RuntimeError):
+    pass
+
+
+class TableSliceConditioner:
+    """Paper mode: per-full-slice tables, indexed by the positional channels the data carries.
+
+    The network input is (B, C + 2, D, H, W): the last two channels are (case index + 1) and (slice index + 1)
+    maps that went through nnU-Net's spatial/mirror transforms (training) or sliding window and mirroring
+    (prediction) exactly like the image. For each patch slice the median of the positive slice-map values
+    gives its source slice (0 -> outside -> the zero-slice row).
+    """
+
+    def __init__(self, streams: list[SliceStream], window: tuple[float, float], num_image_channels: int,
+                 predict_command: str = "nnUNetv2_predict_textguided"):
+        self.streams, self.window = list(streams), tuple(window)
+        self.num_image_channels = num_image_channels
+        self.predict_command = predict_command
+        self.tables: dict[int, dict[str, torch.Tensor]] = {}
+
+    def apply_to_encoders(self, fn) -> None:
+        for s in self.streams:
+            s.encoder_module()._apply(fn)
+
+    def set_tables(self, tables: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.tables = dict(tables)
+
+    def compute_tables(self, volume, device="cpu") -> dict[str, torch.Tensor]:
+        return {s.name: slice_table(volume, s, self.window, device) for s in self.streams}
+
+    @staticmethod
+    def source_indices(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, 2, D, H, W) -> case index (B,) and table rows (B, D) (0 = outside)."""
+        case_map, z_map = pos[:, 0].flatten(1), pos[:, 1].flatten(2)
+        inside = case_map > 0.5
+        case = torch.stack([c[m].median() if m.any() else c.new_tensor(0.) for c, m in zip(case_map, inside)])
+        z = z_map.masked_fill(z_map <= 0.5, float("nan")).nanmedian(-1).values
+        rows = torch.nan_to_num(z, nan=0.0).round().long()
+        return case.round().long() - 1, rows
+
+    def __call__(self, x: torch.Tensor):
+        if x.shape[1] != self.num_image_channels + NUM_POSITION_CHANNELS:
+            raise MissingCaseConditioningError(
+                "This model conditions on per-slice embeddings of the whole case (BiCLIP paper mode), which the "
+                f"stock nnUNetv2_predict cannot supply. Predict with `{self.predict_command}` (same flags as "
+                "nnUNetv2_predict); it computes the embeddings of each input case.")
+        image, pos = x[:, :self.num_image_channels], x[:, self.num_image_channels:]
+        cases, rows = self.source_indices(pos.float())
+        out = {}
+        for s in self.streams:
+            try:
+                tab = [self.tables[int(c)][s.name] for c in cases]
+            except KeyError as e:
+                raise MissingCaseConditioningError(f"no slice embeddings registered for case index {e}") from None
+            out[s.name] = torch.stack([t.to(x.device)[r.clamp(0, t.shape[0] - 1)] for t, r in zip(tab, rows)])
+        return image, out

@@ -1,0 +1,101 @@
+"""`nnunet-textguided demo`: the whole pipeline on a generated CT phantom dataset, on CPU.
+
+generate data -> stock nnUNetv2_plan_and_preprocess -> add the 3d_tiny preset -> nnUNetv2_extract_textguided
+-> stock nnUNetv2_train -tr <BiCLIP trainer> -> stock nnUNetv2_predict on imagesTs -> nnU-Net's evaluation
+-> one PNG overlay. Everything lands under --out; the nnU-Net folders are set for the child processes only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATASET_ID = 990
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_TextGuidedPhantom"
+
+
+def demo_env(out: Path) -> dict:
+    from .cli import trainers_folder
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(out / "nnUNet_raw"), nnUNet_preprocessed=str(out / "nnUNet_preprocessed"),
+               nnUNet_results=str(out / "nnUNet_results"), nnUNet_extTrainer=trainers_folder(),
+               nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "2"), nnUNet_compile="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def run(cmd: list[str], env: dict, log) -> None:
+    t = time.time()
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f"demo: step failed (exit {r.returncode}): {shlex.join(cmd)}\n      see {log.name}")
+    print(f"  done in {time.time() - t:.0f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nnunet-textguided demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_output", help="working folder (default ./demo_output)")
+    p.add_argument("-tr", default="BiCLIPTrainer_40epochs", help="trainer (default BiCLIPTrainer_40epochs: "
+                   "BiCLIP Net4, online conditioning, tiny encoders)")
+    p.add_argument("--n-train", type=int, default=10)
+    p.add_argument("--n-test", type=int, default=3)
+    args = p.parse_args(argv)
+
+    from .data.synthetic import make_ct_phantom_dataset
+    from .evaluation.overlay import save_overlay_png
+
+    out = Path(args.out).resolve()
+    if (out / "nnUNet_raw" / DATASET_NAME).exists():
+        raise SystemExit(f"demo: {out} already holds a demo run; choose another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    env = demo_env(out)
+    t0 = time.time()
+    paper = "offline" in args.tr
+    with open(out / "demo.log", "w") as log:
+        print(f"[1/7] generating {args.n_train}+{args.n_test} CT phantoms with notes", flush=True)
+        folder = make_ct_phantom_dataset(out / "nnUNet_raw", dataset_id=DATASET_ID, n_train=args.n_train,
+                                         n_test=args.n_test)
+        print("[2/7] nnU-Net planning and preprocessing (stock command)", flush=True)
+        run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
+             "--verify_dataset_integrity"], env, log)
+        print("[3/7] adding the 3d_tiny configuration preset", flush=True)
+        run(["nnunet-textguided", "add-config", "-d", str(DATASET_ID), "3d_tiny"], env, log)
+        print("[4/7] extracting per-slice embeddings into the store (paper mode)", flush=True)
+        run(["nnUNetv2_extract_textguided", "-d", str(DATASET_ID), "-c", "3d_tiny"], env, log)
+        print(f"[5/7] training {args.tr} on CPU (stock nnUNetv2_train)", flush=True)
+        run(["nnUNetv2_train", str(DATASET_ID), "3d_tiny", "0", "-tr", args.tr, "-device", "cpu"], env, log)
+        pred = out / "predictions"
+        predict = "nnUNetv2_predict_textguided" if paper else "nnUNetv2_predict"
+        print(f"[6/7] predicting imagesTs ({predict})", flush=True)
+        run([predict, "-i", str(folder / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", "3d_tiny",
+             "-f", "0", "-tr", args.tr, "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
+        print("[7/7] evaluation (nnU-Net's) and an overlay PNG", flush=True)
+        run(["nnUNetv2_evaluate_folder", str(folder / "labelsTs"), str(pred), "-djfile", str(folder / "dataset.json"),
+             "-pfile", str(out / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans.json"), "-np", "1"], env, log)
+    summary = json.loads((pred / "summary.json").read_text())
+    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    names = {v: k for k, v in labels.items()}
+    case = sorted(p.name for p in pred.glob("*.nii.gz"))[0]
+    png = save_overlay_png(folder / "imagesTs" / case.replace(".nii.gz", "_0000.nii.gz"), pred / case,
+                           out / "overlay.png", label_names={k: v for k, v in names.items() if k},
+                           reference_file=folder / "labelsTs" / case)
+    print(f"\nmean foreground Dice on imagesTs: {summary['foreground_mean']['Dice']:.3f}")
+    for k, v in summary["mean"].items():
+        print(f"  {names.get(int(k), k):10s} Dice {v['Dice']:.3f}")
+    print(f"\nraw data:       {folder}\npreprocessed:   {out / 'nnUNet_preprocessed' / DATASET_NAME}"
+          f"\nembedding store: {out / 'nnUNet_preprocessed' / DATASET_NAME / 'nnUNetPlans_3d_fullres' / 'textguided'}"
+          f"\nmodel:          {out / 'nnUNet_results' / DATASET_NAME}\npredictions:    {pred}"
+          f"\nevaluation:     {pred / 'summary.json'}\noverlay:        {png}\nlog:            {out / 'demo.log'}"
+          f"\ntotal time:     {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

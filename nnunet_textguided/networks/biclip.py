@@ -1,0 +1,74 @@
+"""BiCLIP (seed 000) on any nnU-Net encoder/decoder backbone (PlainConvUNet, ResEnc UNet; nnFormer later).
+
+Per-slice embedding streams (PMC-CLIP image embedding, CoCa caption embedding) -> one 3D CLIP adapter each
+-> (B, D_b, C) -> broadcast over the bottleneck's H x W -> summed over streams (pixel-level combination) ->
+concatenated with the bottleneck features -> per-voxel MLP (2C -> C -> C) -> two global self-attention
+blocks -> replaces the bottleneck skip -> the backbone's decoder.
+With no streams (ablation Net1) the forward is exactly the backbone's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import GlobalSelfAttentionBlock, SliceEmbeddingAdapter
+from .conditioned import ConditionedNetwork
+
+
+class BiCLIPNetwork(ConditionedNetwork):
+    """Args:
+        backbone: an nn.Module with ``encoder(x) -> list of skips`` and ``decoder(skips)`` (nnU-Net's UNets).
+        streams: {stream name: embedding size E} — e.g. {"image": 768, "caption": 768}; empty for Net1.
+        num_slices: D, slices in the input patch (patch_size[0]).
+        bottleneck_grid: (D_b, H_b, W_b) of the deepest skip for that patch.
+        bottleneck_channels: C of the deepest skip.
+        num_heads: heads of the two global self-attention blocks (default C // 32, at least 1).
+        adapter_hidden: adapter MLP width (default E // 4: 192 for 768-d embeddings as in the paper).
+        num_attention_blocks: 2 in the paper.
+    """
+
+    def __init__(self, backbone: nn.Module, streams: dict[str, int], num_slices: int,
+                 bottleneck_grid: tuple[int, int, int], bottleneck_channels: int, num_heads: int | None = None,
+                 adapter_hidden: int | None = None, num_attention_blocks: int = 2, drop_path: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.stream_names = tuple(streams)
+        c = bottleneck_channels
+        self.adapters = nn.ModuleDict({
+            name: SliceEmbeddingAdapter(e, c, num_slices, bottleneck_grid[0], hidden=adapter_hidden)
+            for name, e in streams.items()})
+        if streams:
+            heads = num_heads or max(1, c // 32)
+            self.fuse = nn.Sequential(nn.Linear(2 * c, c), nn.GELU(), nn.Linear(c, c))
+            self.attention = nn.ModuleList(GlobalSelfAttentionBlock(c, heads, tuple(bottleneck_grid), drop_path=drop_path)
+                                           for _ in range(num_attention_blocks))
+
+    @property
+    def decoder(self):
+        # nnU-Net toggles deep supervision through network.decoder.deep_supervision
+        return self.backbone.decoder
+
+    @property
+    def encoder(self):
+        return self.backbone.encoder
+
+    def fuse_bottleneck(self, feat: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """feat (B, C, D_b, H_b, W_b), embeddings {stream: (B, D, E)} -> fused (B, C, D_b, H_b, W_b)."""
+        b, c, d, h, w = feat.shape
+        clip = sum(self.adapters[n](embeddings[n].to(feat.dtype)) for n in self.stream_names)  # (B, D_b, C)
+        clip_map = clip.transpose(1, 2)[..., None, None].expand(b, c, d, h, w)
+        tokens = torch.cat((feat, clip_map), 1).flatten(2).transpose(1, 2)  # (B, N, 2C)
+        tokens = self.fuse(tokens)
+        for block in self.attention:
+            tokens = block(tokens)
+        return tokens.transpose(1, 2).reshape(b, c, d, h, w)
+
+    def forward(self, x: torch.Tensor):
+        if not self.stream_names:
+            if self.conditioner is not None:
+                x, _ = self.condition(x)
+            return self.backbone(x)
+        x, embeddings = self.condition(x)
+        skips = self.backbone.encoder(x)
+        skips = list(skips[:-1]) + [self.fuse_bottleneck(skips[-1], embeddings)]
+        return self.backbone.decoder(skips)

@@ -1,0 +1,149 @@
+"""The one base trainer every text-guided trainer derives from.
+
+What it adds to nnUNetTrainer:
+- method settings (which encoders, which mode) written into the configuration as ``textguided`` — in the
+  run's plans.json, so prediction rebuilds exactly the trained network with the trained encoders;
+- ``build_network_architecture`` = nnU-Net's backbone from the plans, wrapped by the method's builder, with
+  the frozen encoders attached as an unregistered conditioner (absent from checkpoints and the optimizer);
+- encoder identity checks: the weight hash of every encoder is recorded at training start; prediction and
+  resuming refuse encoders whose spec or weights differ;
+- short-schedule knobs for CPU tests and demos (``_Xepochs`` variants).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from ..conditioning.slices import get_encoder
+
+NetworkBuilder = Callable[..., torch.nn.Module]
+NETWORK_BUILDERS: dict[str, NetworkBuilder] = {}
+
+
+class EncoderMismatchError(RuntimeError):
+    pass
+
+
+def register_network_builder(method: str):
+    def deco(fn: NetworkBuilder) -> NetworkBuilder:
+        NETWORK_BUILDERS[method] = fn
+        return fn
+    return deco
+
+
+def check_and_record_encoders(settings: dict, source: str = "the run's plans.json") -> None:
+    """Load every encoder of ``settings['encoders']``; record its weight hash, or verify the recorded one."""
+    for spec, info in settings.get("encoders", {}).items():
+        enc = get_encoder(spec)
+        digest = enc.weight_hash()
+        if info.get("weight_hash") and info["weight_hash"] != digest:
+            raise EncoderMismatchError(
+                f"encoder '{spec}' has weights {digest[:12]}… but the model was trained with "
+                f"{info['weight_hash'][:12]}… (recorded in {source}). Point the spec at the weights used for "
+                "training, or retrain.")
+        info.update(weight_hash=digest, embed_dim=enc.embed_dim, untrained=bool(enc.untrained))
+
+
+def compare_encoder_records(saved: dict, current: dict, where: str) -> None:
+    if saved == current:
+        return
+    raise EncoderMismatchError(
+        f"{where} was trained with encoders {_describe(saved)} but this run uses {_describe(current)}. "
+        "Use the same encoder specs (trainer settings / nnUNet_textguided_* environment variables) as the "
+        "checkpoint, or start a new training.")
+
+
+def _describe(records: dict) -> str:
+    return ", ".join(f"{s} ({(r.get('weight_hash') or '?')[:12]})" for s, r in sorted(records.items())) or "none"
+
+
+class TextGuidedTrainer(nnUNetTrainer):
+    #: key of NETWORK_BUILDERS
+    textguided_method: str = ""
+    #: short schedules for tests and demos (None = nnU-Net's defaults)
+    short_iterations_per_epoch: int | None = None
+    short_val_iterations_per_epoch: int | None = None
+    short_epochs: int | None = None
+    #: restrict mirroring (training augmentation and test-time) to these axes; None = nnU-Net's choice
+    mirror_axes_override: tuple[int, ...] | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.short_epochs is not None:
+            self.num_epochs = self.short_epochs
+        if self.short_iterations_per_epoch is not None:
+            self.num_iterations_per_epoch = self.short_iterations_per_epoch
+        if self.short_val_iterations_per_epoch is not None:
+            self.num_val_iterations_per_epoch = self.short_val_iterations_per_epoch
+        settings = self.textguided_settings()
+        # the same dict in both places: the plans (saved as the run's plans.json and, through my_init_kwargs,
+        # inside every checkpoint) and the resolved configuration the network is built from
+        self.plans_manager.plans["configurations"][configuration]["textguided"] = settings
+        self.configuration_manager.configuration["textguided"] = settings
+
+    # -- to be provided by each method ---------------------------------------------------------------------
+    def textguided_settings(self) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def setting(env_name: str, default: str) -> str:
+        """A trainer setting with an environment override (nnUNetv2_train has no free-form arguments)."""
+        return os.environ.get(env_name, default)
+
+    # -- network --------------------------------------------------------------------------------------------
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        settings = configuration_manager.configuration.get("textguided")
+        if settings is None:
+            raise RuntimeError("this configuration has no 'textguided' settings: the model folder's plans.json was "
+                               "not written by a nnunet-textguided trainer")
+        backbone = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                            num_output_channels, enable_deep_supervision)
+        check_and_record_encoders(settings)
+        builder = NETWORK_BUILDERS[settings["method"]]
+        return builder(settings, backbone, plans_manager, configuration_manager, num_input_channels)
+
+    @property
+    def textguided(self) -> dict:
+        return self.configuration_manager.configuration["textguided"]
+
+    def initialize(self):
+        super().initialize()
+        untrained = [s for s, r in self.textguided.get("encoders", {}).items() if r.get("untrained")]
+        if untrained:
+            self.print_to_log_file(f"WARNING: encoders {untrained} are random-init test encoders (untrained); "
+                                   "results say nothing about the method. See README for real encoders.")
+
+    def load_checkpoint(self, filename_or_checkpoint):
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        saved = checkpoint["init_args"]["plans"]["configurations"][self.configuration_name].get("textguided", {})
+        where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+        compare_encoder_records(saved.get("encoders", {}), self.textguided.get("encoders", {}), str(where))
+        super().load_checkpoint(checkpoint)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rot, dummy2d, initial, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.mirror_axes_override is not None:
+            mirror_axes = tuple(self.mirror_axes_override)
+            self.inference_allowed_mirroring_axes = mirror_axes
+        return rot, dummy2d, initial, mirror_axes
+
+
+def short_schedule(base: type, epochs: int, iterations: int, val_iterations: int,
+                   mirror_axes: tuple[int, ...] | None = (0,), module: str | None = None) -> type:
+    """nnU-Net's ``_Xepochs`` pattern with fewer iterations per epoch (for CPU tests and the demo)."""
+    name = f"{base.__name__}_{epochs}epochs"
+    attrs = {"short_epochs": epochs, "short_iterations_per_epoch": iterations,
+             "short_val_iterations_per_epoch": val_iterations, "mirror_axes_override": mirror_axes,
+             "__module__": module or base.__module__,
+             "__doc__": f"{base.__name__} with {epochs} epochs x {iterations} iterations (CPU tests / demo)."}
+    return type(name, (base,), attrs)

@@ -1,0 +1,1 @@
+"""Configuration presets (JSON) merged into nnUNetPlans.json by `nnunet-textguided add-config`."""

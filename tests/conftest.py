@@ -1,0 +1,50 @@
+"""Test session set-up: nnU-Net's folders point into one temporary directory per session.
+
+nnunetv2.paths reads the nnUNet_* variables at import, so they are set here, before any test imports it.
+Child processes (the stock nnU-Net commands) inherit them.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_ROOT = Path(tempfile.mkdtemp(prefix="textguided-tests-"))
+for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    os.environ[name] = str(SESSION_ROOT / name)
+    (SESSION_ROOT / name).mkdir()
+os.environ.update(nnUNet_n_proc_DA="1", nnUNet_compile="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+import nnunet_textguided_trainers  # noqa: E402
+
+os.environ["nnUNet_extTrainer"] = os.path.abspath(list(nnunet_textguided_trainers.__path__)[0])
+
+PHANTOM_ID = 991
+PHANTOM_NAME = f"Dataset{PHANTOM_ID}_TestPhantom"
+BIN = Path(sys.executable).parent
+
+
+def run_cmd(*cmd, check=True, timeout=900) -> subprocess.CompletedProcess:
+    exe = shutil.which(cmd[0], path=str(BIN)) or cmd[0]
+    r = subprocess.run([exe, *map(str, cmd[1:])], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset() -> Path:
+    """A small CT phantom dataset, planned and preprocessed by stock nnU-Net, with the 3d_tiny preset."""
+    from nnunet_textguided.data.synthetic import make_ct_phantom_dataset
+    folder = make_ct_phantom_dataset(Path(os.environ["nnUNet_raw"]), dataset_id=PHANTOM_ID, name="TestPhantom",
+                                     n_train=5, n_test=2, shape=(24, 48, 48), seed=1)
+    run_cmd("nnUNetv2_plan_and_preprocess", "-d", PHANTOM_ID, "-c", "3d_fullres", "-np", "2",
+            "--verify_dataset_integrity")
+    run_cmd("nnunet-textguided", "add-config", "-d", PHANTOM_ID, "3d_tiny")
+    return folder
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_ROOT, ignore_errors=True)

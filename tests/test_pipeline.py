@@ -1,0 +1,111 @@
+"""End to end through nnU-Net's stock commands (subprocesses, CPU, 3d_tiny preset, tiny encoders)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import PHANTOM_ID, PHANTOM_NAME, run_cmd
+
+pytestmark = pytest.mark.slow
+RESULTS = Path(os.environ["nnUNet_results"])
+ONLINE = ["BiCLIPTrainer_Net1_2epochs", "BiCLIPTrainer_Net2_2epochs", "BiCLIPTrainer_Net3_2epochs",
+          "BiCLIPTrainer_Net4_2epochs"]
+OFFLINE = "BiCLIPTrainer_offline_2epochs"
+
+
+def model_dir(trainer: str) -> Path:
+    return RESULTS / PHANTOM_NAME / f"{trainer}__nnUNetPlans__3d_tiny"
+
+
+@pytest.fixture(scope="session")
+def trained(phantom_dataset):
+    """Train every BiCLIP ablation (online) and the paper-mode trainer with stock nnUNetv2_train."""
+    run_cmd("nnUNetv2_extract_textguided", "-d", PHANTOM_ID, "-c", "3d_tiny", "-tr", OFFLINE)
+    for tr in ONLINE + [OFFLINE]:
+        run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_tiny", 0, "-tr", tr, "-device", "cpu")
+    return phantom_dataset
+
+
+def assert_valid_segmentations(pred: Path, ref: Path, n: int):
+    files = sorted(pred.glob("*.nii.gz"))
+    assert len(files) == n
+    for f in files:
+        seg, gt = sitk.ReadImage(str(f)), sitk.ReadImage(str(ref / f.name))
+        assert seg.GetSize() == gt.GetSize() and np.allclose(seg.GetSpacing(), gt.GetSpacing())
+        assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("trainer", ONLINE + [OFFLINE])
+def test_training_outputs(trained, trainer):
+    fold = model_dir(trainer) / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert "foreground_mean" in summary
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    keys = list(ckpt["network_weights"])
+    # frozen encoders are not part of the checkpoint; the checkpoint records their specs and weight hashes
+    assert not any(k.startswith(("encoder_", "_conditioner", "conditioner")) for k in keys)
+    assert all(k.startswith(("backbone.", "adapters.", "fuse.", "attention.")) for k in keys)
+    records = ckpt["init_args"]["plans"]["configurations"]["3d_tiny"]["textguided"]["encoders"]
+    assert all(len(r["weight_hash"]) == 64 for r in records.values())
+    plans = json.loads((model_dir(trainer) / "plans.json").read_text())
+    assert plans["configurations"]["3d_tiny"]["textguided"]["encoders"] == records
+
+
+@pytest.mark.parametrize("trainer", ONLINE)
+def test_stock_predict_equals_package_predictor(trained, trainer, tmp_path):
+    images = trained / "imagesTs"
+    for cmd, out in (("nnUNetv2_predict", tmp_path / "stock"), ("nnUNetv2_predict_textguided", tmp_path / "pkg")):
+        run_cmd(cmd, "-i", images, "-o", out, "-d", PHANTOM_ID, "-c", "3d_tiny", "-f", 0, "-tr", trainer,
+                "-device", "cpu", "-npp", 1, "-nps", 1, "--save_probabilities")
+        assert_valid_segmentations(out, trained / "labelsTs", 2)
+    for f in sorted((tmp_path / "stock").glob("*.npz")):
+        a = np.load(f)["probabilities"]
+        b = np.load(tmp_path / "pkg" / f.name)["probabilities"]
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        seg_a = sitk.GetArrayFromImage(sitk.ReadImage(str(f).replace(".npz", ".nii.gz")))
+        seg_b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pkg" / f.name).replace(".npz", ".nii.gz")))
+        assert (seg_a == seg_b).all()
+
+
+def test_paper_mode_needs_the_package_predictor(trained, tmp_path):
+    r = run_cmd("nnUNetv2_predict", "-i", trained / "imagesTs", "-o", tmp_path / "stock", "-d", PHANTOM_ID,
+                "-c", "3d_tiny", "-f", 0, "-tr", OFFLINE, "-device", "cpu", "-npp", 1, "-nps", 1, check=False)
+    assert r.returncode != 0
+    assert "nnUNetv2_predict_textguided" in r.stdout + r.stderr
+    assert not list((tmp_path / "stock").glob("*.nii.gz"))
+    run_cmd("nnUNetv2_predict_textguided", "-i", trained / "imagesTs", "-o", tmp_path / "pkg", "-d", PHANTOM_ID,
+            "-c", "3d_tiny", "-f", 0, "-tr", OFFLINE, "-device", "cpu", "-npp", 1, "-nps", 1)
+    assert_valid_segmentations(tmp_path / "pkg", trained / "labelsTs", 2)
+
+
+def test_predict_refuses_other_encoder_weights(trained, tmp_path):
+    """A model folder whose recorded encoder hash differs from the loaded encoder stops with a clear message."""
+    import shutil
+    src = model_dir("BiCLIPTrainer_Net4_2epochs")
+    dst = RESULTS / PHANTOM_NAME / "BiCLIPTrainer_Net4_2epochs__tampered__3d_tiny"
+    shutil.copytree(src, dst)
+    plans = json.loads((dst / "plans.json").read_text())
+    for rec in plans["configurations"]["3d_tiny"]["textguided"]["encoders"].values():
+        rec["weight_hash"] = "0" * 64
+    (dst / "plans.json").write_text(json.dumps(plans))
+    r = run_cmd("nnUNetv2_predict", "-i", trained / "imagesTs", "-o", tmp_path / "o", "-d", PHANTOM_ID,
+                "-c", "3d_tiny", "-f", 0, "-tr", "BiCLIPTrainer_Net4_2epochs", "-p", "tampered", "-device", "cpu",
+                "-npp", 1, "-nps", 1, check=False)
+    assert r.returncode != 0 and "was trained with" in r.stderr
+
+
+def test_resume_with_other_encoder_fails(trained):
+    env_name = "nnUNet_textguided_caption_encoder"
+    os.environ[env_name] = "tiny-coca?embed_dim=48"
+    try:
+        r = run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_tiny", 0, "-tr", "BiCLIPTrainer_Net4_2epochs", "-device", "cpu",
+                    "--val", check=False)
+    finally:
+        del os.environ[env_name]
+    assert r.returncode != 0
+    assert "was trained with encoders" in r.stdout + r.stderr

@@ -1,0 +1,1 @@
+"""The folder nnUNet_extTrainer points at (`nnunet-textguided env` prints the export line)."""

@@ -1,0 +1,8 @@
+"""Trainer names for nnUNet_extTrainer.
+
+nnU-Net imports the modules of this folder under bare names and drops them from sys.modules afterwards,
+so the classes live in the installed package and are only re-exported here (they keep
+``__module__ = nnunet_textguided.training.*`` and pickle fine for data-loader workers). Every trainer
+name that ever reached a checkpoint must stay exported: prediction looks the class up by that name.
+"""
+from nnunet_textguided.training.biclip import *  # noqa: F401,F403
