@@ -1,0 +1,88 @@
+"""Paper mode: the embeddings handed to the network for a patch are those of its source slices, through
+nnU-Net's own crop/pad and training transforms (z-flips, in-plane rotation and scaling, intensity transforms).
+
+The segmentation carries the truth: label z + 1 on slice z, moved by nnU-Net's segmentation path; the
+positional channels travel by the regression-target path; both must agree slice by slice.
+"""
+import math
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_textguided.conditioning.slices import SliceStream, TableSliceConditioner
+from nnunet_textguided.data.position_channels import PositionAwareTransforms, PositionedArray, append_position_channels
+
+D, H, W = 20, 40, 40
+PATCH = (8, 32, 32)  # anisotropic -> nnU-Net's dummy-2D augmentation: in-plane rotation/scaling, any flips
+
+
+def make_transforms():
+    tr = nnUNetTrainer.get_training_transforms(
+        PATCH, (-math.pi, math.pi), None, (0, 1, 2), True, use_mask_for_norm=[False],
+        foreground_labels=list(range(1, D + 1)))
+    return PositionAwareTransforms(tr)
+
+
+def table_conditioner():
+    cond = TableSliceConditioner([SliceStream("image", "unused", "embed_images")], (0, 1), num_image_channels=1)
+    # row r of case c holds [c, r - 1]: the case index and the source slice (row 0 = outside -> -1)
+    cond.set_tables({c: {"image": torch.stack([torch.full((D + 1,), float(c)), torch.arange(-1, D).float()], 1)}
+                     for c in range(3)})
+    return cond
+
+
+def test_patches_get_their_source_slices():
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    transforms, cond = make_transforms(), table_conditioner()
+    flipped = unflipped = 0
+    for i in range(40):
+        case = i % 3
+        image = rng.normal(size=(1, D, H, W)).astype(np.float32)
+        seg = np.broadcast_to(np.arange(1, D + 1, dtype=np.int16)[:, None, None], (1, D, H, W))
+        # initial (larger) patch as nnU-Net's loader draws it, sometimes reaching outside the volume
+        initial = (PATCH[0], 56, 56)
+        lbs = [int(rng.integers(-4, D - PATCH[0] + 5)), int(rng.integers(-16, H - 40)), int(rng.integers(-16, W - 40))]
+        bbox = [[lo, lo + s] for lo, s in zip(lbs, initial)]
+        data = torch.from_numpy(crop_and_pad_nd(PositionedArray(image, case), bbox, 0)).float()
+        target = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
+        out = transforms(image=data, segmentation=target)
+        x = out["image"][None]
+        assert x.shape == (1, 3, *PATCH)
+        _, emb = cond(x)
+        got_case, got_slice = emb["image"][0, :, 0], emb["image"][0, :, 1]
+        truth = out["segmentation"][0]
+        for z in range(PATCH[0]):
+            labels = truth[z][truth[z] > 0]
+            if labels.numel() < 0.05 * truth[z].numel():
+                continue  # (nearly) all outside: no source slice to compare with
+            expected = int(labels.mode().values) - 1
+            assert int(got_slice[z]) == expected, (i, z)
+            assert int(got_case[z]) == case
+        s = [int(v) for v in got_slice if v >= 0]
+        flipped += len(s) > 1 and s[0] > s[-1]
+        unflipped += len(s) > 1 and s[0] < s[-1]
+    assert flipped and unflipped  # both z orientations were exercised
+
+
+def test_whole_case_positions_match_slices():
+    vol = torch.randn(1, D, H, W)
+    x = append_position_channels(vol, 2)
+    cond = table_conditioner()
+    _, emb = cond(x[None])
+    assert torch.equal(emb["image"][0, :, 1], torch.arange(D).float())
+    flipped = torch.flip(x, (1,))[None]
+    _, emb = cond(flipped)
+    assert torch.equal(emb["image"][0, :, 1], torch.arange(D - 1, -1, -1).float())
+
+
+def test_missing_position_channels_name_the_command():
+    cond = table_conditioner()
+    try:
+        cond(torch.zeros(1, 1, *PATCH))
+    except RuntimeError as e:
+        assert "nnUNetv2_predict_textguided" in str(e)
+    else:
+        raise AssertionError("expected an error")
