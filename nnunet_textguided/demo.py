@@ -24,7 +24,8 @@ def demo_env(out: Path) -> dict:
     env = dict(os.environ)
     env.update(nnUNet_raw=str(out / "nnUNet_raw"), nnUNet_preprocessed=str(out / "nnUNet_preprocessed"),
                nnUNet_results=str(out / "nnUNet_results"), nnUNet_extTrainer=trainers_folder(),
-               nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "2"), nnUNet_compile="false",
+               nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "2"), nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"),
+               nnUNet_compile="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
 

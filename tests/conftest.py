@@ -16,7 +16,7 @@ SESSION_ROOT = Path(tempfile.mkdtemp(prefix="textguided-tests-"))
 for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
     os.environ[name] = str(SESSION_ROOT / name)
     (SESSION_ROOT / name).mkdir()
-os.environ.update(nnUNet_n_proc_DA="1", nnUNet_compile="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+os.environ.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", nnUNet_compile="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 import nnunet_textguided_trainers  # noqa: E402
 
 os.environ["nnUNet_extTrainer"] = os.path.abspath(list(nnunet_textguided_trainers.__path__)[0])

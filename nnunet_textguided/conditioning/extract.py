@@ -12,7 +12,7 @@ import sys
 
 
 def build_trainer(dataset: str, configuration: str, trainer_name: str, plans: str = "nnUNetPlans",
-                  fold: int = 0, device: str = "cpu"):
+                  fold: int = 0, device: str = "cpu", for_extraction: bool = True):
     import torch
     from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
     from nnunetv2.paths import nnUNet_preprocessed
@@ -28,10 +28,12 @@ def build_trainer(dataset: str, configuration: str, trainer_name: str, plans: st
     if trainer_class is None:
         raise RuntimeError(f"trainer '{trainer_name}' not found; run `eval $(nnunet-textguided env)` so that "
                            "nnUNet_extTrainer points at the package's trainers folder")
-    if not hasattr(trainer_class, "extract"):
+    if for_extraction and not hasattr(trainer_class, "extract"):
         raise RuntimeError(f"trainer '{trainer_name}' needs no offline embeddings (its conditioning is computed "
                            "online or from label texts)")
-    return trainer_class(plans=load_json(plans_file), configuration=configuration, fold=fold,
+    plans_dict = load_json(plans_file)
+    plans_dict["continue_training"] = False  # nnunetv2 2.8 pops this from the plans in the trainer's __init__
+    return trainer_class(plans=plans_dict, configuration=configuration, fold=fold,
                          dataset_json=load_json(join(folder, "dataset.json")), device=torch.device(device))
 
 

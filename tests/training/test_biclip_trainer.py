@@ -1,0 +1,87 @@
+"""The BiCLIP trainers in-process: frozen encoders stay frozen and outside the checkpoint, gradients reach
+only trainable parts, online and offline conditioning agree, and the text/image streams change the output."""
+import pytest
+import torch
+
+from nnunet_textguided.conditioning.extract import build_trainer
+from nnunet_textguided.conditioning.slices import OnlineSliceConditioner, TableSliceConditioner, get_encoder
+
+
+@pytest.fixture
+def trainer(phantom_dataset):
+    from conftest import PHANTOM_ID
+
+    def make(name):
+        tr = build_trainer(str(PHANTOM_ID), "3d_tiny", name, for_extraction=False)
+        tr.initialize()
+        return tr
+    return make
+
+
+def encoders_of(net):
+    return [get_encoder(s.encoder) for s in net.conditioner.streams]
+
+
+def test_frozen_encoders_get_no_gradient_and_stay_out_of_checkpoints(trainer):
+    tr = trainer("BiCLIPTrainer")
+    net = tr.network
+    assert isinstance(net.conditioner, OnlineSliceConditioner)
+    encs = encoders_of(net)
+    enc_params = {id(p) for e in encs for p in e.parameters()}
+    assert enc_params and not enc_params & {id(p) for p in net.parameters()}
+    assert not enc_params & {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    sd_sizes = {tuple(v.shape) for v in net.state_dict().values()}
+    assert all(not k.startswith("_") for k in net.state_dict())
+    x = torch.randn(2, 1, *tr.configuration_manager.patch_size)
+    target = [torch.randint(0, 4, (2, 1, *[s // f for s, f in zip(x.shape[2:], sc)])).float()
+              for sc in [[1, 1, 1], [1, 2, 2], [2, 4, 4]]]
+    net.train()
+    out = net(x)
+    tr.loss(out, target).backward()
+    assert all(e.training is False for e in encs)
+    assert all(p.grad is None and not p.requires_grad for e in encs for p in e.parameters())
+    for name, adapter in net.adapters.items():
+        assert adapter.mlp[0].weight.grad.abs().sum() > 0, name
+    assert sd_sizes  # the state dict exists and holds only the trainable network
+
+
+def test_conditioning_changes_the_output(trainer):
+    tr = trainer("BiCLIPTrainer")
+    net = tr.network.eval()
+    x = torch.randn(1, 1, *tr.configuration_manager.patch_size)
+    with torch.no_grad():
+        y = net(x)[0]
+        real = net.conditioner
+        _, emb = real(x)
+        net.set_conditioner(lambda t: (t, {k: v.flip(1) for k, v in emb.items()}))
+        y_flipped_text = net(x)[0]
+        net.set_conditioner(real)
+    assert not torch.allclose(y, y_flipped_text)
+
+
+def test_offline_tables_equal_online_embeddings(trainer):
+    """Consistency rule: a full slice is embedded identically by the online and the paper-mode path."""
+    online = trainer("BiCLIPTrainer").network.conditioner
+    offline = trainer("BiCLIPTrainer_offline").network.conditioner
+    assert isinstance(offline, TableSliceConditioner)
+    vol = torch.randn(1, 12, 32, 32) * 2
+    tables = offline.compute_tables(vol)
+    _, emb = online(vol[None])
+    for name in ("image", "caption"):
+        torch.testing.assert_close(tables[name][1:], emb[name][0], atol=1e-5, rtol=1e-4)
+        assert tables[name].shape[0] == 13  # + the outside-the-volume row
+
+
+def test_paper_mode_network_reads_the_store(trainer):
+    tr = trainer("BiCLIPTrainer_offline")
+    tr.extract(progress=False)
+    tr._register_tables()
+    cond = tr.network.conditioner
+    cases = tr.all_case_identifiers()
+    assert set(cond.tables) == set(range(len(cases)))
+    ds = tr.dataset_class(tr.preprocessed_dataset_folder, cases[:1])
+    data = torch.from_numpy(ds.load_case(cases[0])[0][:])  # with positional channels
+    assert data.shape[0] == 3
+    fresh = cond.compute_tables(data[:1])
+    for name, t in cond.tables[0].items():
+        torch.testing.assert_close(t, fresh[name], atol=1e-5, rtol=1e-4)
