@@ -17,7 +17,7 @@ from pathlib import Path
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from .conditioning.store import atomic_write_json
+from .io import atomic_write_json
 
 
 def available_presets() -> dict[str, dict]:

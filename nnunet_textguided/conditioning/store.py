@@ -15,32 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write_bytes, atomic_write_json
+
 STORE_DIRNAME = "textguided"
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj, sort_keys: bool = True) -> None:
-    _atomic_write_bytes(Path(path), lambda f: f.write(json.dumps(obj, indent=2, sort_keys=sort_keys).encode()))
 
 
 def file_sha256(*paths: Path, chunk: int = 1 << 22) -> str:
@@ -97,7 +79,7 @@ class EmbeddingStore:
     def save(self, case: str, array: np.ndarray, source_hash: str) -> None:
         self.ensure_manifest()
         array = np.ascontiguousarray(array)
-        _atomic_write_bytes(self.root / f"{case}.npy", lambda f: np.save(f, array, allow_pickle=False))
+        atomic_write_bytes(self.root / f"{case}.npy", lambda f: np.save(f, array, allow_pickle=False))
         atomic_write_json(self.root / f"{case}.json",
                           {"source_sha256": source_hash, "shape": list(array.shape), "dtype": str(array.dtype)})
 

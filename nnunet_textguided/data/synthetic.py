@@ -58,6 +58,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..io import atomic_path, atomic_write_text, default_mode
+
 __all__ = [
     "LABELS",
     "LABEL_DESCRIPTIONS",
@@ -390,35 +392,8 @@ def _aux_note(f: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------------
-_UMASK: int | None = None
-
-
-def _mode(directory: bool = False) -> int:
-    """Permissions a plain open()/mkdir() would give (mkstemp/mkdtemp use 0600/0700)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return (0o777 if directory else 0o666) & ~_UMASK
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, (text.rstrip("\n") + "\n").encode("utf-8"))
+    atomic_write_text(path, text.rstrip("\n") + "\n")
 
 
 def _atomic_write_image(path: Path, arr: np.ndarray, spacing_zyx: Sequence[float]) -> None:
@@ -429,16 +404,8 @@ def _atomic_write_image(path: Path, arr: np.ndarray, spacing_zyx: Sequence[float
     img.SetOrigin((0.0, 0.0, 0.0))
     img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     # the temporary name must keep the .nii.gz ending: SimpleITK picks the writer from the extension
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:-len(FILE_ENDING)]}.", suffix=FILE_ENDING)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=FILE_ENDING) as tmp:
         sitk.WriteImage(img, tmp, useCompression=True)
-        os.chmod(tmp, _mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_dataset_json(folder: Path, num_training: int, dataset_name: str, seed: int, shape, spacing) -> None:
@@ -533,7 +500,7 @@ def make_ct_phantom_dataset(raw_root, dataset_id: int = 990, name: str = "TextGu
             _atomic_write_text(img_dir / f"{case.case_id}.txt", case.note)
             _atomic_write_text(img_dir / f"{case.case_id}.aux.txt", case.aux_note)
         _write_dataset_json(staging, n_train, dataset_name, seed, shape, spacing)
-        os.chmod(staging, _mode(directory=True))
+        os.chmod(staging, default_mode(directory=True))
 
         check_target()  # again: somebody may have created it meanwhile
         old = None

@@ -11,11 +11,11 @@ radiologically: anterior at the top, the patient's right on the image left.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..io import atomic_path
 
 __all__ = ["save_overlay_png", "select_slices", "WINDOW_ABDOMEN", "label_color"]
 
@@ -160,16 +160,6 @@ def save_overlay_png(image_file, seg_file, png_file, label_names: dict[int, str]
 
     png_file = Path(png_file)
     png_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=png_file.parent, prefix=f".{png_file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, facecolor="white")
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, png_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(png_file) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
     return png_file

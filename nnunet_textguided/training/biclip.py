@@ -15,17 +15,17 @@ random test encoders (CPU demo); the paper's are e.g. ``pmcclip:/path/to/image_e
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from tqdm import tqdm
 
-from ..conditioning.slices import (OnlineSliceConditioner, SliceStream, TableSliceConditioner, window_from_plans)
+from ..conditioning.slices import (OnlineSliceConditioner, SliceStream, TableSliceConditioner, slice_table,
+                                   window_from_plans)
 from ..conditioning.store import EmbeddingStore
 from ..data.position_channels import PositionAwareTransforms, PositionedDataset
 from ..networks.biclip import BiCLIPNetwork
-from .base import TextGuidedTrainer, register_network_builder, short_schedule
+from .base import TextGuidedTrainer, check_and_record_encoders, register_network_builder, short_schedule
 
 STREAM_METHODS = {"image": "embed_images", "caption": "embed_captions"}
 
@@ -116,14 +116,10 @@ class BiCLIPTrainer_offline(BiCLIPTrainer):
         return out
 
     def all_case_identifiers(self) -> list[str]:
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         return sorted(infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(self.preprocessed_dataset_folder))
 
     def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
         """Compute missing or stale per-slice tables. Returns counts {'computed', 'skipped'}."""
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from ..encoders import load_encoder  # noqa: F401  (import error surfaces early)
-        from .base import check_and_record_encoders
         check_and_record_encoders(self.textguided)
         cases = sorted(cases or self.all_case_identifiers())[part_id::num_parts]
         stores = self.slice_stores()
@@ -137,7 +133,6 @@ class BiCLIPTrainer_offline(BiCLIPTrainer):
                 continue
             data = np.asarray(dataset.load_case(case)[0][:], dtype=np.float32)
             window = tuple(self.textguided["window"])
-            from ..conditioning.slices import slice_table
             for st, store in todo:
                 store.save(case, slice_table(data, st, window, device=self.device).numpy(), source)
                 counts["computed"] += 1

@@ -112,3 +112,12 @@ def test_sharding_covers_every_case_once(offline_trainer, encoder_calls):
     b = offline_trainer().extract(num_parts=2, part_id=1, progress=False)
     assert a["computed"] + b["computed"] == 2 * n and a["computed"] and b["computed"]
     assert offline_trainer().extract(progress=False)["computed"] == 0
+
+
+def test_training_extracts_lazily_when_the_store_is_missing(offline_trainer, encoder_calls):
+    tr = offline_trainer()
+    tr.initialize()
+    assert not (Path(tr.preprocessed_dataset_folder) / "textguided").exists()
+    tr._register_tables()
+    n = len(tr.all_case_identifiers())
+    assert len(encoder_calls) == 2 * n and len(tr.network.conditioner.tables) == n
