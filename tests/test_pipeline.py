@@ -109,3 +109,21 @@ def test_resume_with_other_encoder_fails(trained):
         del os.environ[env_name]
     assert r.returncode != 0
     assert "was trained with encoders" in r.stdout + r.stderr
+
+
+def test_paper_mode_predictor_conditions_like_the_store(trained):
+    """Consistency rule: for a training case, the predictor's whole-case tables equal the stored ones."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from nnunet_textguided.inference.predict import TextGuidedPredictor
+    pred = TextGuidedPredictor(device=torch.device("cpu"), use_mirroring=True, allow_tqdm=False)
+    pred.initialize_from_trained_model_folder(str(model_dir(OFFLINE)), (0,), "checkpoint_final.pth")
+    folder = Path(os.environ["nnUNet_preprocessed"]) / PHANTOM_NAME / "nnUNetPlans_3d_fullres"
+    case = sorted(nnUNetDatasetBlosc2.get_identifiers(str(folder)))[0]
+    data = torch.from_numpy(np.asarray(nnUNetDatasetBlosc2(str(folder), [case]).load_case(case)[0][:]))
+    logits = pred.predict_logits_from_preprocessed_data(data)
+    assert logits.shape == (4, *data.shape[1:])
+    tables = pred.network.conditioner.tables[0]
+    for stream, table in tables.items():
+        store = next((folder / "textguided").glob(f"slices_{stream}__*"))
+        torch.testing.assert_close(table, torch.from_numpy(np.load(store / f"{case}.npy")), atol=1e-5, rtol=1e-4)
