@@ -173,6 +173,16 @@ def _draw_findings(rng: np.random.Generator) -> dict:
     }
 
 
+def _checked_geometry(shape, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in spacing)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be three ints >= 8 (z, y, x), got {shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive floats (z, y, x) in mm, got {spacing}")
+    return shape, spacing
+
+
 def generate_phantom_case(index: int, seed: int = 0, shape: Sequence[int] = (32, 64, 64),
                           spacing: Sequence[float] = (2.5, 1.25, 1.25)) -> PhantomCase:
     """Generate case number ``index`` of the phantom series ``seed`` in memory.
@@ -180,12 +190,7 @@ def generate_phantom_case(index: int, seed: int = 0, shape: Sequence[int] = (32,
     A case depends only on ``(seed, index, shape)``, not on how many other cases are generated, so
     ``phantom_003`` is the same whether a dataset has 5 or 50 training cases.
     """
-    shape = tuple(int(s) for s in shape)
-    spacing = tuple(float(s) for s in spacing)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be three ints >= 8 (z, y, x), got {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive floats (z, y, x) in mm, got {spacing}")
+    shape, spacing = _checked_geometry(shape, spacing)
     rng = np.random.default_rng([int(seed), int(index), 0x5EED])
     g = _Grid(shape)
     U = rng.uniform
@@ -464,12 +469,7 @@ def make_ct_phantom_dataset(raw_root, dataset_id: int = 990, name: str = "TextGu
     n_train, n_test = int(n_train), int(n_test)
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got n_train={n_train}, n_test={n_test}")
-    shape = tuple(int(s) for s in shape)
-    spacing = tuple(float(s) for s in spacing)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be three ints >= 8 (z, y, x), got {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive floats (z, y, x) in mm, got {spacing}")
+    shape, spacing = _checked_geometry(shape, spacing)
 
     raw_root = Path(raw_root).expanduser().resolve()
     dataset_name = f"Dataset{dataset_id:03d}_{name}"
