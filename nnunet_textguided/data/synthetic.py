@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -58,7 +57,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..io import atomic_path, atomic_write_text, default_mode
+from ..io import atomic_path, atomic_write_text, staged_dataset_folder
 
 __all__ = [
     "LABELS",
@@ -473,22 +472,7 @@ def make_ct_phantom_dataset(raw_root, dataset_id: int = 990, name: str = "TextGu
 
     raw_root = Path(raw_root).expanduser().resolve()
     dataset_name = f"Dataset{dataset_id:03d}_{name}"
-    target = raw_root / dataset_name
-
-    def check_target():
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
-        if raw_root.is_dir():
-            clash = sorted(p.name for p in raw_root.iterdir()
-                           if p.name.startswith(f"Dataset{dataset_id:03d}_") and p.name != dataset_name)
-            if clash:
-                raise FileExistsError(f"{raw_root} already holds {clash} with dataset id {dataset_id}; nnU-Net "
-                                      f"could not tell it from {dataset_name}. Pick another id or remove it.")
-
-    check_target()
-    raw_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=raw_root, prefix=f".{dataset_name}.partial-"))
-    try:
+    with staged_dataset_folder(raw_root, dataset_id, dataset_name, overwrite) as staging:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (staging / sub).mkdir()
         for i in range(n_train + n_test):
@@ -500,17 +484,4 @@ def make_ct_phantom_dataset(raw_root, dataset_id: int = 990, name: str = "TextGu
             _atomic_write_text(img_dir / f"{case.case_id}.txt", case.note)
             _atomic_write_text(img_dir / f"{case.case_id}.aux.txt", case.aux_note)
         _write_dataset_json(staging, n_train, dataset_name, seed, shape, spacing)
-        os.chmod(staging, default_mode(directory=True))
-
-        check_target()  # again: somebody may have created it meanwhile
-        old = None
-        if target.exists():
-            old = raw_root / f".{dataset_name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return raw_root / dataset_name
