@@ -1,6 +1,8 @@
-"""Overlay PNG: written atomically, valid, non-blank, with and without a reference, 3D and 2D."""
+"""Overlay PNG: written atomically, valid, non-blank, with and without a reference, 3D and 2D, with a note;
+preview_folder / `nnunet-textguided preview` on 3D CT and 2D PNG prediction folders."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,8 @@ import SimpleITK as sitk
 from matplotlib.image import imread
 
 from nnunet_textguided.data.synthetic import generate_phantom_case
-from nnunet_textguided.evaluation.overlay import label_color, save_overlay_png, select_slices
+from nnunet_textguided.evaluation import overlay
+from nnunet_textguided.evaluation.overlay import label_color, main, preview_folder, save_overlay_png, select_slices
 
 NAMES = {1: "liver", 2: "spleen", 3: "kidneys"}
 
@@ -81,3 +84,115 @@ def test_overlay_2d_and_shape_mismatch(tmp_path: Path, case_files):
     with pytest.raises(ValueError, match="shape"):
         save_overlay_png(case_files[0], bad, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_overlay_note_band(tmp_path: Path, case_files):
+    img, ref, _, c = case_files
+    plain = imread(save_overlay_png(img, ref, tmp_path / "plain.png", NAMES))
+    noted = imread(save_overlay_png(img, ref, tmp_path / "noted.png", NAMES, note=c.note + "\n" + c.aux_note))
+    assert noted.shape[0] > plain.shape[0] and noted.shape[1] == plain.shape[1]
+    band = noted[plain.shape[0]:, :, :3]
+    assert (band.max(-1) < 0.5).any()  # dark text in the band below the panels
+    long_ = imread(save_overlay_png(img, ref, tmp_path / "long.png", NAMES, note="very long note, " * 2000))
+    capped = imread(save_overlay_png(img, ref, tmp_path / "cap.png", NAMES, note="word " * 140))  # 7 lines
+    assert long_.shape == capped.shape  # both cut to 6 lines
+    assert long_.shape[0] - plain.shape[0] <= 0.16 * 6 * 100 + 21
+    with pytest.raises(ValueError, match="window"):
+        save_overlay_png(img, ref, tmp_path / "w.png", window="ct")
+
+
+def _dataset_json(folder: Path, channel: str, ending: str) -> Path:
+    labels = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "both": [1, 3]}  # a region: not a name
+    f = folder / "dataset.json"
+    f.write_text(json.dumps({"channel_names": {"0": channel}, "labels": labels, "file_ending": ending}))
+    return f
+
+
+@pytest.fixture(scope="module")
+def folder3d(tmp_path_factory):
+    d = tmp_path_factory.mktemp("preview3d")
+    for sub in ("images", "pred", "ref"):
+        (d / sub).mkdir()
+    for i in range(5):
+        c = generate_phantom_case(i, seed=1, shape=(12, 40, 40))
+        _write(c.image, d / "images" / f"{c.case_id}_0000.nii.gz")
+        _write(c.label, d / "ref" / f"{c.case_id}.nii.gz")
+        _write(np.where(c.label == 2, 0, c.label).astype(np.uint8), d / "pred" / f"{c.case_id}.nii.gz")
+        if i % 2 == 0:
+            (d / "images" / f"{c.case_id}.txt").write_text(c.note + " \u00e9", encoding="utf-8")
+            (d / "images" / f"{c.case_id}.aux.txt").write_text(c.aux_note, encoding="utf-8")
+    for extra in ("summary.json", "plans.json", "phantom_000.npz", "phantom_000.pkl"):  # what nnU-Net leaves there
+        (d / "pred" / extra).write_text("{}")
+    return d
+
+
+def test_preview_folder_3d(tmp_path: Path, folder3d, monkeypatch):
+    d, calls = folder3d, []
+    real = overlay.save_overlay_png
+    monkeypatch.setattr(overlay, "save_overlay_png", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    dj = _dataset_json(tmp_path, "CT", ".nii.gz")
+    out = preview_folder(d / "pred", d / "images", tmp_path / "out", d / "ref", dj, n_cases=3, n_slices=2)
+    assert [p.name for p in out] == ["phantom_000.png", "phantom_002.png", "phantom_004.png"]  # spread, sorted
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in out]
+    for p in out:
+        png = imread(p)
+        assert png.shape[0] > 200 and png[..., :3].std() > 0.1
+    (image, pred, _, names), kw = calls[0]
+    assert image.name == "phantom_000_0000.nii.gz" and pred.name == "phantom_000.nii.gz"
+    assert names == {1: "liver", 2: "spleen", 3: "kidneys"}
+    assert kw["window"] == overlay.WINDOW_ABDOMEN and kw["reference_file"].parent == d / "ref"
+    note = kw["note"]
+    assert note.endswith("\u00e9\naux: " + (d / "images" / "phantom_000.aux.txt").read_text())
+    # deterministic; explicit cases; no dataset.json: ending from the files present, percentile window, no note
+    assert preview_folder(d / "pred", d / "images", tmp_path / "out", d / "ref", dj, n_cases=3) == out
+    calls.clear()
+    again = preview_folder(d / "pred", d / "images", tmp_path / "o2", cases=["phantom_003"], n_slices=1)
+    assert again == [tmp_path / "o2" / "phantom_003.png"]
+    assert calls[0][1]["window"] == "auto" and calls[0][1]["note"] is None and calls[0][0][3] == {}
+    with pytest.raises(FileNotFoundError, match="phantom_042"):
+        preview_folder(d / "pred", d / "images", tmp_path / "o3", cases=["phantom_042"])
+
+
+def test_preview_folder_2d_png(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    for sub in ("imagesTs", "pred", "labelsTs"):
+        (tmp_path / sub).mkdir()
+    for i in range(3):
+        xx = np.mgrid[:64, :80][1]
+        img = (10 + 30 * (xx > 40) + rng.integers(0, 5, (64, 80))).astype(np.uint8)  # low contrast, X-ray-like
+        lab = np.zeros((64, 80), np.uint8)
+        lab[5:15, 5:20] = 1
+        if i == 1:  # an RGB png: shown as grey values of channel 0
+            sitk.WriteImage(sitk.GetImageFromArray(np.stack([img] * 3, -1), isVector=True),
+                            str(tmp_path / "imagesTs" / f"x{i}_0000.png"))
+        else:
+            sitk.WriteImage(sitk.GetImageFromArray(img), str(tmp_path / "imagesTs" / f"x{i}_0000.png"))
+        for sub in ("pred", "labelsTs"):
+            sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / sub / f"x{i}.png"))
+    _dataset_json(tmp_path / "pred", "X-ray", ".png")  # picked up from the prediction folder
+    out = preview_folder(tmp_path / "pred", tmp_path / "imagesTs", tmp_path / "pred" / "previews",
+                         tmp_path / "labelsTs", n_cases=3)
+    assert [p.name for p in out] == ["x0.png", "x1.png", "x2.png"]
+    for p in out:
+        png = imread(p)[..., :3]
+        grey = (np.ptp(png, -1) < 0.01) & (png.max(-1) < 0.98)  # image pixels: grey, not the white background
+        assert png[grey].std() > 0.2  # the percentile window spreads 10..45 over black..white
+        assert (png.max(-1) < 0.1).mean() > 0.05  # HU window W400/L50 would show it all mid-grey
+    with pytest.raises(ValueError, match="overwrite"):
+        preview_folder(tmp_path / "pred", tmp_path / "imagesTs", tmp_path / "pred", n_cases=1)
+
+
+def test_preview_missing_image_and_main(tmp_path: Path, folder3d, capsys):
+    d = folder3d
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"phantom_000_0000\.nii\.gz.*_0000\.nii\.gz"):
+        preview_folder(d / "pred", images, tmp_path / "out", n_cases=1)
+    assert not (tmp_path / "out").exists()
+    assert main(["-i", str(tmp_path / "nope"), "-p", str(d / "pred")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["-i", str(d / "images"), "-p", str(d / "pred"), "-o", str(tmp_path / "prev"),
+                 "--cases", "phantom_001", "phantom_004"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "prev" / "phantom_001.png"), str(tmp_path / "prev" / "phantom_004.png")]
+    assert all(Path(f).is_file() for f in printed)
