@@ -19,6 +19,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from .io import atomic_write_json
 
+#: CT foreground intensity statistics used for reference plans (abdominal CT, portal-venous phase, in HU)
+_CT_INTENSITIES = {"max": 1500.0, "mean": 100.0, "median": 100.0, "min": -1000.0, "percentile_00_5": -150.0,
+                   "percentile_99_5": 300.0, "std": 60.0}
+
 
 def available_presets() -> dict[str, dict]:
     out = {}
@@ -75,3 +79,59 @@ def add_configurations(plans_file: str | Path, names: list[str], force: bool = F
     if changed:
         atomic_write_json(plans_file, plans, sort_keys=False)
     return changed
+
+
+def reference_plans(spacing: list[float], modality: str = "CT", name: str = "Dataset000_Reference") -> dict:
+    """nnU-Net plans for a dataset that is only described (spacing, modality), not on disk.
+
+    Used to build networks at a paper's configuration without the paper's data (parameter/FLOP reports,
+    benchmarks): ``2d`` and ``3d_fullres`` configurations with nnU-Net's default PlainConvUNet settings, to
+    which a preset is then applied exactly as ``add-config`` applies it to a real dataset's plans.
+    """
+    def configuration(dim: int) -> dict:
+        sp = [float(s) for s in spacing[-dim:]]
+        return {
+            "data_identifier": f"nnUNetPlans_{dim}d", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": 2, "patch_size": [64] * dim, "median_image_size_in_voxels": [256.0] * dim, "spacing": sp,
+            "normalization_schemes": ["CTNormalization" if modality == "CT" else "ZScoreNormalization"],
+            "use_mask_for_norm": [False], "batch_dice": dim == 2,
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+            "architecture": {
+                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {
+                    "n_stages": 1, "features_per_stage": [32], "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+                    "kernel_sizes": [[3] * dim], "strides": [[1] * dim], "n_conv_per_stage": [2],
+                    "n_conv_per_stage_decoder": [2], "conv_bias": True,
+                    "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        }
+    dims = (2, 3) if len(spacing) == 3 else (2,)
+    return {
+        "dataset_name": name, "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": list(spacing),
+        "original_median_shape_after_transp": [256] * len(spacing), "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": list(range(len(spacing))), "transpose_backward": list(range(len(spacing))),
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": dict(_CT_INTENSITIES)},
+        "configurations": {("3d_fullres" if d == 3 else "2d"): configuration(d) for d in dims},
+    }
+
+
+def preset_plans(preset_name: str, reference: dict | None = None) -> tuple[dict, str]:
+    """(plans, configuration name) of a preset applied to reference plans (the preset's own ``reference``
+    description, else ``reference``: {spacing, modality})."""
+    presets = available_presets()
+    if preset_name not in presets:
+        raise KeyError(f"unknown preset '{preset_name}'; available: {', '.join(sorted(presets))}")
+    preset = presets[preset_name]
+    ref = preset.get("reference") or reference
+    if ref is None:
+        raise ValueError(f"preset '{preset_name}' has no 'reference' description; pass one")
+    plans = reference_plans(ref["spacing"], ref.get("modality", "CT"))
+    plans["configurations"][preset_name] = configuration_from_preset(plans, preset)
+    return plans, preset_name

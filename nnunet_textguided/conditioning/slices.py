@@ -93,6 +93,14 @@ class OnlineSliceConditioner:
         for s in self.streams:
             s.encoder_module()._apply(fn)
 
+    def encoder_calls(self, x_shape) -> list[tuple[str, str, int]]:
+        """(encoder spec, method, inputs) of the frozen-encoder calls one forward on ``x_shape`` makes."""
+        return [(s.encoder, s.method, x_shape[0] * x_shape[2]) for s in self.streams]
+
+    def placeholder(self, x: torch.Tensor, dims: dict[str, int]):
+        """What ``__call__`` returns, as zeros of the right shapes, without running encoders (counting)."""
+        return x, {s.name: x.new_zeros(x.shape[0], x.shape[2], dims[s.encoder]) for s in self.streams}
+
     def __call__(self, x: torch.Tensor):
         b, _, d = x.shape[:3]
         slices = x[:, 0].reshape(b * d, *x.shape[3:])
@@ -123,6 +131,14 @@ class TableSliceConditioner:
     def apply_to_encoders(self, fn) -> None:
         for s in self.streams:
             s.encoder_module()._apply(fn)
+
+    def encoder_calls(self, x_shape) -> list[tuple[str, str, int]]:
+        """None per forward: the tables are computed once per case (D + 1 slices each), see compute_tables."""
+        return []
+
+    def placeholder(self, x: torch.Tensor, dims: dict[str, int]):
+        image = x[:, :self.num_image_channels]
+        return image, {s.name: x.new_zeros(x.shape[0], x.shape[2], dims[s.encoder]) for s in self.streams}
 
     def set_tables(self, tables: dict[int, dict[str, torch.Tensor]]) -> None:
         self.tables = dict(tables)

@@ -15,6 +15,8 @@ import os
 from typing import Callable
 
 import torch
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from ..conditioning.slices import get_encoder
@@ -79,14 +81,26 @@ class TextGuidedTrainer(nnUNetTrainer):
             self.num_iterations_per_epoch = self.short_iterations_per_epoch
         if self.short_val_iterations_per_epoch is not None:
             self.num_val_iterations_per_epoch = self.short_val_iterations_per_epoch
-        settings = self.textguided_settings()
+        settings = self.settings_for(self.plans_manager, self.configuration_manager)
         # the same dict in both places: the plans (saved as the run's plans.json and, through my_init_kwargs,
         # inside every checkpoint) and the resolved configuration the network is built from
         self.plans_manager.plans["configurations"][configuration]["textguided"] = settings
         self.configuration_manager.configuration["textguided"] = settings
 
     # -- to be provided by each method ---------------------------------------------------------------------
-    def textguided_settings(self) -> dict:
+    #: the method's paper configuration: a preset in plans/ (with a ``reference`` dataset description), the
+    #: paper's encoder specs by role, and the figures the paper reports (for ``nnunet-textguided params``)
+    paper_preset: str | None = None
+    paper_encoders: dict[str, str] = {}
+    paper_figures: dict[str, float] = {}
+    #: the configuration preset of tests and the demo
+    tiny_preset: str = "3d_tiny"
+
+    @classmethod
+    def settings_for(cls, plans_manager, configuration_manager, encoders: dict[str, str] | None = None) -> dict:
+        """The ``textguided`` settings of this trainer for a configuration. ``encoders`` ({role: spec})
+        replaces the trainer's encoder choice (paper configurations, counting); otherwise the trainer's
+        attributes and their environment overrides apply."""
         raise NotImplementedError
 
     @staticmethod
@@ -129,6 +143,26 @@ class TextGuidedTrainer(nnUNetTrainer):
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         compare_encoder_records(saved.get("encoders", {}), self.textguided.get("encoders", {}), str(where))
         super().load_checkpoint(checkpoint)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank == 0:
+            self.write_extended_summary(join(self.output_folder, "validation"))
+
+    def write_extended_summary(self, folder: str) -> dict:
+        """Re-evaluate ``folder`` with the papers' metrics (HD95, precision, recall, accuracy, both mIoU forms)
+        and replace nnU-Net's summary.json there by the superset (same keys, more keys)."""
+        from ..evaluation.evaluate import compute_metrics_on_folder_extended
+        lm = self.label_manager
+        metrics = compute_metrics_on_folder_extended(
+            join(self.preprocessed_dataset_folder_base, "gt_segmentations"), folder, join(folder, "summary.json"),
+            self.plans_manager.image_reader_writer_class(), self.dataset_json["file_ending"],
+            lm.foreground_regions if lm.has_regions else lm.foreground_labels, lm.ignore_label, chill=True,
+            num_processes=default_num_processes)
+        fg = metrics["foreground_mean"]
+        self.print_to_log_file("Validation (extended summary.json): " + ", ".join(
+            f"{k} {fg[k]:.4f}" for k in ("Dice", "IoU", "HD95", "Precision", "Recall") if k in fg))
+        return metrics
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rot, dummy2d, initial, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()

@@ -70,13 +70,18 @@ class BiCLIPTrainer(TextGuidedTrainer):
     image_encoder = "tiny-pmcclip"
     caption_encoder = "tiny-coca"
 
-    def textguided_settings(self) -> dict:
-        specs = {"image": self.setting("nnUNet_textguided_image_encoder", self.image_encoder),
-                 "caption": self.setting("nnUNet_textguided_caption_encoder", self.caption_encoder)}
-        streams = [{"name": n, "encoder": specs[n], "method": STREAM_METHODS[n]} for n in self.streams]
-        return {"method": "biclip", "mode": self.mode, "streams": streams,
+    paper_preset = "3d_biclip_paper"
+    paper_encoders = {"image": "pmcclip:image_encoder(resnet50).pth",
+                      "caption": "coca:coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k"}
+
+    @classmethod
+    def settings_for(cls, plans_manager, configuration_manager, encoders=None) -> dict:
+        specs = encoders or {"image": cls.setting("nnUNet_textguided_image_encoder", cls.image_encoder),
+                             "caption": cls.setting("nnUNet_textguided_caption_encoder", cls.caption_encoder)}
+        streams = [{"name": n, "encoder": specs[n], "method": STREAM_METHODS[n]} for n in cls.streams]
+        return {"method": "biclip", "mode": cls.mode, "streams": streams,
                 "encoders": {s["encoder"]: {} for s in streams},
-                "window": list(window_from_plans(self.plans_manager.plans, self.configuration_manager.configuration)),
+                "window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration)),
                 "num_attention_blocks": 2}
 
 

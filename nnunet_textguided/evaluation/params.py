@@ -1,0 +1,220 @@
+"""`nnunet-textguided params TRAINER`: parameter counts and forward FLOPs of a trainer's network.
+
+Why a command: the papers compare methods by trainable parameters, FLOPs and what is kept at inference
+(RecLMIS: 23.7 M / 24.1 GFLOPs at inference, 74.2 M in training; TGC-Net: 10.3 M trainable). Counting needs
+no data and no weights:
+
+- the network is built exactly as ``nnUNetv2_train`` builds it (nnU-Net's backbone from the plans + the
+  method's builder), from plans of three kinds: ``paper`` (the method's paper preset on reference plans that
+  describe the paper's dataset), ``tiny`` (the CPU test preset) or ``plans`` (a dataset's own plans);
+- paper-size networks and encoders are built on the *meta* device, so nothing is allocated; frozen
+  encoders come from their configs without weights (``encoders.structure``);
+- FLOPs are torch's ``FlopCounterMode`` counts (a multiply-add = 2 FLOPs) for one forward of one patch
+  (batch 1) in inference mode, with the conditioning replaced by zero tensors of the right shapes; the frozen
+  encoders' FLOPs for that forward are counted separately from their own structures.
+
+Columns: *trainable* (optimised), *training-only* (trainable modules dropped at inference, listed by the
+network's ``training_only_modules``), *frozen* (encoders and frozen network parts), *inference* = trainable −
+training-only + frozen.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+CONFIG_KINDS = ("paper", "tiny", "plans")
+
+
+@dataclass
+class ParamReport:
+    trainer: str
+    config: str
+    configuration: str
+    patch_size: list[int]
+    num_classes: int
+    trainable: int
+    training_only: int
+    frozen_in_network: int
+    encoders: dict[str, dict] = field(default_factory=dict)  # spec -> {params, gflops_per_forward, roles}
+    network_gflops: float = 0.0
+    paper_figures: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def frozen(self) -> int:
+        return self.frozen_in_network + sum(e["params"] for e in self.encoders.values())
+
+    @property
+    def inference(self) -> int:
+        return self.trainable - self.training_only + self.frozen
+
+    @property
+    def inference_gflops(self) -> float:
+        return self.network_gflops + sum(e["gflops_per_forward"] for e in self.encoders.values())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "frozen": self.frozen, "inference": self.inference,
+                "inference_gflops": self.inference_gflops}
+
+
+def trainer_class(name: str):
+    from ..training import trainer_classes
+    classes = {t.__name__: t for t in trainer_classes()}
+    if name not in classes:
+        raise KeyError(f"unknown trainer '{name}'; `nnunet-textguided list` shows the trainers of this package")
+    return classes[name]
+
+
+def count_plans(trainer, config: str, dataset: str | None = None, configuration: str | None = None,
+                plans_identifier: str = "nnUNetPlans") -> tuple[dict, str, dict, dict[str, str] | None]:
+    """(plans, configuration name, dataset_json, encoder override) for a config kind."""
+    from ..presets import preset_plans
+    if config == "plans":
+        if dataset is None or configuration is None:
+            raise ValueError("--config plans needs -d DATASET and -c CONFIGURATION")
+        from batchgenerators.utilities.file_and_folder_operations import join, load_json
+        from nnunetv2.paths import nnUNet_preprocessed
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
+        return load_json(join(folder, plans_identifier + ".json")), configuration, \
+            load_json(join(folder, "dataset.json")), None
+    if config == "paper":
+        if trainer.paper_preset is None:
+            raise ValueError(f"{trainer.__name__} has no paper configuration")
+        plans, name = preset_plans(trainer.paper_preset)
+        classes = plans_reference(trainer.paper_preset)["num_classes"]
+        return plans, name, _dataset_json(classes), dict(trainer.paper_encoders)
+    if config == "tiny":
+        plans, name = preset_plans(trainer.tiny_preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+        return plans, name, _dataset_json(4), None
+    raise ValueError(f"--config must be one of {', '.join(CONFIG_KINDS)}")
+
+
+def plans_reference(preset: str) -> dict:
+    from ..presets import available_presets
+    return available_presets()[preset]["reference"]
+
+
+def _dataset_json(num_classes: int) -> dict:
+    labels = {"background": 0, **{f"label_{i}": i for i in range(1, num_classes)}}
+    return {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz", "numTraining": 0}
+
+
+def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: dict,
+                       encoders: dict[str, str] | None = None, device: str = "meta"):
+    """The trainer's network (inference mode, no deep supervision) and {spec: EncoderStructure}."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from ..encoders.structure import encoder_structure
+    from ..training.base import NETWORK_BUILDERS
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    settings = trainer.settings_for(pm, cm, encoders)
+    structures = {spec: encoder_structure(spec) for spec in settings.get("encoders", {})}
+    for spec, st in structures.items():
+        settings["encoders"][spec] = {"embed_dim": st.embed_dim}
+    cm.configuration["textguided"] = settings
+    lm = pm.get_label_manager(dataset_json)
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    with torch.device(device):
+        backbone = nnUNetTrainer.build_network_architecture(pm, cm, n_in, lm.num_segmentation_heads, False)
+        net = NETWORK_BUILDERS[settings["method"]](settings, backbone, pm, cm, n_in)
+    return net.eval(), structures, cm, lm, n_in
+
+
+def count(trainer, config: str = "paper", dataset: str | None = None, configuration: str | None = None,
+          plans_identifier: str = "nnUNetPlans") -> ParamReport:
+    plans, cfg_name, dataset_json, encoders = count_plans(trainer, config, dataset, configuration, plans_identifier)
+    device = "meta" if config == "paper" else "cpu"
+    net, structures, cm, lm, n_in = build_for_counting(trainer, plans, cfg_name, dataset_json, encoders, device)
+    params = dict(net.named_parameters())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    frozen_net = sum(p.numel() for p in params.values() if not p.requires_grad)
+    training_only = sum(p.numel() for name in getattr(net, "training_only_modules", ())
+                        for p in net.get_submodule(name).parameters() if p.requires_grad)
+
+    x = torch.empty(1, n_in, *cm.patch_size, device=device)
+    cond = getattr(net, "conditioner", None)
+    dims = {spec: st.embed_dim for spec, st in structures.items()}
+    calls = cond.encoder_calls(tuple(x.shape)) if cond is not None else []
+    with _placeholder_conditioning(net, dims), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(x)
+    settings = cm.configuration["textguided"]
+    enc_rows = {}
+    for spec, st in structures.items():
+        enc_rows[spec] = {"params": st.num_parameters(),
+                          "gflops_per_forward": sum(st.flops(m, n) for s, m, n in calls if s == spec) / 1e9,
+                          "roles": [r["name"] for r in settings.get("streams", ()) if r["encoder"] == spec]}
+    return ParamReport(trainer.__name__, config, cfg_name, list(cm.patch_size), lm.num_segmentation_heads,
+                       trainable, training_only, frozen_net, enc_rows, fc.get_total_flops() / 1e9,
+                       dict(trainer.paper_figures) if config == "paper" else {})
+
+
+@contextlib.contextmanager
+def _placeholder_conditioning(net, dims: dict[str, int]):
+    cond = getattr(net, "conditioner", None)
+    if cond is None:
+        yield
+        return
+    net.set_conditioner(lambda x: cond.placeholder(x, dims))
+    try:
+        yield
+    finally:
+        net.set_conditioner(cond)
+
+
+def _m(n: int | float) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def format_report(r: ParamReport) -> str:
+    lines = [f"{r.trainer} — config {r.config} ({r.configuration}: patch {'x'.join(map(str, r.patch_size))}, "
+             f"{r.num_classes} output channels)", "",
+             "| part | parameters | GFLOPs / forward (1 patch) |", "|---|---:|---:|",
+             f"| network, trainable | {_m(r.trainable)} | {r.network_gflops:.2f} |",
+             f"| of which training-only | {_m(r.training_only)} | |"]
+    if r.frozen_in_network:
+        lines.append(f"| network, frozen parts | {_m(r.frozen_in_network)} | |")
+    offline = []
+    for spec, e in r.encoders.items():
+        flops = f"{e['gflops_per_forward']:.2f}"
+        if not e["gflops_per_forward"]:
+            flops, offline = "— ¹", offline + [spec]
+        lines.append(f"| frozen encoder `{spec}` | {_m(e['params'])} | {flops} |")
+    lines.append(f"| **at inference** (network − training-only + frozen) | **{_m(r.inference)}** | "
+                 f"**{r.inference_gflops:.2f}** |")
+    if offline:
+        lines += ["", "¹ not run per forward: this model reads embeddings computed once per case (embedding store / "
+                  "nnUNetv2_predict_textguided)"]
+    if r.paper_figures:
+        lines += ["", "Paper: " + ", ".join(f"{k} {v:g}" for k, v in r.paper_figures.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="nnunet-textguided params", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trainer", help="trainer class name, e.g. BiCLIPTrainer")
+    p.add_argument("--config", choices=CONFIG_KINDS, default="paper",
+                   help="paper: the method's paper configuration (default); tiny: the CPU test preset; "
+                        "plans: a dataset's plans (-d, -c)")
+    p.add_argument("-d", help="dataset name or id (--config plans)")
+    p.add_argument("-c", help="configuration (--config plans)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (--config plans)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    try:
+        report = count(trainer_class(a.trainer), a.config, a.d, a.c, a.p)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        print(f"nnunet-textguided params: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=2) if a.json else format_report(report))
+    return 0

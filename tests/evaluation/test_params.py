@@ -1,0 +1,88 @@
+"""`nnunet-textguided params`: counts equal a direct sum(numel) of the trained network, paper sizes on meta."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_textguided.conditioning.slices import get_encoder
+from nnunet_textguided.evaluation.params import count, main
+from nnunet_textguided.networks.blocks import SliceEmbeddingAdapter
+from nnunet_textguided.presets import preset_plans
+from nnunet_textguided.training import trainer_classes
+from nnunet_textguided.training.biclip import (BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2,
+                                               BiCLIPTrainer_Net4, bottleneck_geometry)
+
+BASE_TRAINERS = [t for t in trainer_classes() if t.short_epochs is None]
+
+
+def numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("trainer", BASE_TRAINERS, ids=lambda t: t.__name__)
+def test_tiny_counts_match_the_network_nnunet_trains(trainer):
+    report = count(trainer, "tiny")
+    plans, name = preset_plans(trainer.tiny_preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(name)
+    cm.configuration["textguided"] = trainer.settings_for(pm, cm)
+    net = trainer.build_network_architecture(pm, cm, 1, 4, False)  # what nnUNetv2_train builds
+    assert report.trainable == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert report.trainable - report.training_only + report.frozen_in_network == numel(net)
+    specs = cm.configuration["textguided"]["encoders"]
+    assert set(report.encoders) == set(specs)
+    for spec, row in report.encoders.items():
+        assert row["params"] == numel(get_encoder(spec))
+    assert report.inference == numel(net) + sum(numel(get_encoder(s)) for s in specs)
+    assert report.network_gflops > 0
+
+
+def test_paper_configuration_is_built_on_meta_with_real_size_encoders():
+    reports = {t: count(t, "paper") for t in (BiCLIPTrainer_Net1, BiCLIPTrainer_Net2, BiCLIPTrainer_Net4)}
+    full = reports[BiCLIPTrainer_Net4]
+    assert full.patch_size == [64, 128, 128] and full.num_classes == 9
+    coca, pmc = BiCLIPTrainer.paper_encoders["caption"], BiCLIPTrainer.paper_encoders["image"]
+    assert full.encoders[coca]["params"] == 638_450_177  # open_clip coca_ViT-L-14, all towers
+    assert full.encoders[pmc]["params"] == 37_792_352  # PMC-CLIP ModifiedResNet-50, 768-d
+    # 64 slices per patch through each encoder; CoCa captions cost at least 64 image-tower forwards
+    assert full.encoders[coca]["gflops_per_forward"] > full.encoders[pmc]["gflops_per_forward"] > 64 * 10
+    assert reports[BiCLIPTrainer_Net1].encoders == {}
+    # one stream adds one 3D CLIP adapter: Net4 - Net2 is exactly one adapter of the paper's shape
+    plans, name = preset_plans(BiCLIPTrainer.paper_preset)
+    grid, channels = bottleneck_geometry(PlansManager(plans).get_configuration(name))
+    adapter = SliceEmbeddingAdapter(768, channels, 64, grid[0])
+    assert full.trainable - reports[BiCLIPTrainer_Net2].trainable == numel(adapter)
+    assert reports[BiCLIPTrainer_Net1].network_gflops < full.network_gflops
+
+
+def test_paper_network_is_never_allocated():
+    """The paper-size build stays on the meta device (no memory, no weights needed)."""
+    from nnunet_textguided.evaluation.params import build_for_counting, count_plans
+    plans, name, dj, enc = count_plans(BiCLIPTrainer, "paper")
+    net, *_ = build_for_counting(BiCLIPTrainer, plans, name, dj, enc)
+    assert all(p.device.type == "meta" for p in net.parameters())
+
+
+def test_command_prints_table_and_json(capsys):
+    assert main(["BiCLIPTrainer", "--config", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "at inference" in out and "tiny-coca" in out
+    assert main(["BiCLIPTrainer_offline", "--config", "tiny", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["inference"] == data["trainable"] - data["training_only"] + data["frozen"]
+    assert main(["NoSuchTrainer"]) == 2
+    assert "nnunet-textguided list" in capsys.readouterr().err
+    assert main(["BiCLIPTrainer", "--config", "plans"]) == 2  # needs -d and -c
+
+
+def test_plans_config_counts_a_dataset(phantom_dataset):
+    report = count(BiCLIPTrainer, "plans", dataset="991", configuration="3d_tiny")
+    plans = Path(os.environ["nnUNet_preprocessed"]) / phantom_dataset.name / "nnUNetPlans.json"
+    tiny = json.loads(plans.read_text())["configurations"]["3d_tiny"]
+    assert report.patch_size == tiny["patch_size"]
+    assert report.trainable > 0 and torch.isfinite(torch.tensor(report.network_gflops))
