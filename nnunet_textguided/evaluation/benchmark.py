@@ -1,0 +1,298 @@
+"""Side-by-side speed and memory of every trainer, measured in one run on the same data and preset.
+
+Not a test: nothing is asserted; the output is a markdown table of ratios plus the machine it ran on. For each
+trainer (each base trainer of each method; variants that only rename are skipped):
+
+- **train s/it**: one training iteration (forward, deep-supervision CE loss, backward, SGD step) on a batch of
+  the preset's patch size, vs **the same backbone without conditioning** (nnU-Net's plain network from the
+  same plans), median of ``repeats``;
+- **predict s/case**: nnU-Net's predictor on one raw case (preprocessing, sliding window, mirroring along the
+  trainer's inference axes, export to the original grid) — ``nnUNetPredictor`` as used by stock
+  ``nnUNetv2_predict``, or the note-aware ``TextGuidedPredictor`` for models that need the whole case — vs the
+  plain ``nnUNetTrainer`` network of the same plans, median of ``predict_repeats``;
+- **extraction slices/s**: filling the embedding store (render + encoder, per stream) vs the raw batched
+  encoder forward on already-rendered slices (the bound the store path can reach);
+- **peak memory** of a training iteration above the memory held before it (parameters, gradients, optimizer
+  state): CUDA ``max_memory_allocated``; on Linux CPUs the resident-set high-water mark (measured after all
+  timings, with glibc set to return freed blocks to the OS).
+
+The data is one generated CT phantom (``data.synthetic``); the plans are reference plans with the chosen
+preset (``3d_tiny`` by default, ``--preset 3d_biclip_paper`` on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..training.base import TextGuidedTrainer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def interleaved(fns, repeats: int, device: torch.device) -> list[float]:
+    """Median time of each of ``fns``, run round-robin ``repeats`` times after one warm-up round."""
+    times = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for i, fn in enumerate(fns):
+            t = timed(fn, 1, device, warmup=0)
+            if r:
+                times[i].append(t)
+    return [statistics.median(t) for t in times]
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _return_freed_memory_to_os() -> None:
+    """Make RSS follow live memory: glibc keeps freed blocks resident for reuse (and, once its dynamic mmap
+    threshold has grown, serves large tensors from that heap), so a step reusing them would not show in RSS.
+    ``malloc_trim(0)`` hands every free page back (later reuse faults it in again, visibly), and a fixed mmap
+    threshold of 64 KiB sends new tensor-sized blocks through mmap, unmapped on free."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn, device: torch.device) -> float:
+    """Peak memory (MiB) of one call of ``fn`` above what was allocated before: the CUDA allocator's peak,
+    or on Linux CPUs the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) after
+    returning free memory to the OS. On CPU, call it only after all timings (it slows allocation down)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    try:
+        _return_freed_memory_to_os()
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except (OSError, StopIteration):
+        return float("nan")
+    fn()
+    return max(0, _status_kib("VmHWM") - base) / 1024
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs, torch "
+            f"{torch.__version__} ({torch.get_num_threads()} threads)")
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        desc += f", GPU {p.name} ({p.total_memory / 2 ** 30:.0f} GiB)"
+    return desc
+
+
+def default_trainers() -> list[type]:
+    """Each method's base trainers, skipping pure renames (e.g. BiCLIPTrainer_Net4 = BiCLIPTrainer)."""
+    from ..training import trainer_classes
+    own = {"__module__", "__doc__", "__qualname__", "__firstlineno__", "__static_attributes__"}
+    return [t for t in trainer_classes() if t.short_epochs is None and set(vars(t)) - own]
+
+
+@dataclass
+class Setup:
+    """Plans, managers and one phantom case shared by every trainer of a run."""
+    preset: str
+    device: torch.device
+    plans: dict = field(init=False)
+    volume: np.ndarray = field(init=False)
+    properties: dict = field(init=False)
+
+    def __post_init__(self):
+        from ..data.synthetic import generate_phantom_case
+        from ..presets import preset_plans
+        self.plans, self.configuration = preset_plans(self.preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+        case = generate_phantom_case(0, seed=0, shape=(24, 48, 48))
+        self.volume = case.image[None].astype(np.float32)
+        self.properties = {"spacing": [2.5, 1.25, 1.25]}
+        self.dataset_json = {"channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": 1,
+                             "labels": {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3}}
+
+    def managers(self):
+        import copy
+
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        pm = PlansManager(copy.deepcopy(self.plans))
+        return pm, pm.get_configuration(self.configuration)
+
+
+def build(trainer: type | None, setup: Setup):
+    """(network, plans manager, configuration manager, label manager) on the device; ``None`` = nnUNetTrainer."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    pm, cm = setup.managers()
+    lm = pm.get_label_manager(setup.dataset_json)
+    if trainer is None:
+        net = nnUNetTrainer.build_network_architecture(pm, cm, 1, lm.num_segmentation_heads, True)
+    else:
+        cm.configuration["textguided"] = trainer.settings_for(pm, cm)
+        net = trainer.build_network_architecture(pm, cm, 1, lm.num_segmentation_heads, True)
+    return net.to(setup.device), pm, cm, lm
+
+
+def _input(net, setup: Setup, cm, batch: int) -> torch.Tensor:
+    """A training batch as the network receives it (with positional channels and tables in paper mode)."""
+    from ..conditioning.slices import TableSliceConditioner
+    from ..data.position_channels import append_position_channels
+    x = torch.randn(batch, 1, *cm.patch_size, device=setup.device)
+    cond = getattr(net, "conditioner", None)
+    if isinstance(cond, TableSliceConditioner):
+        cond.set_tables({0: cond.compute_tables(setup.volume, device=setup.device)})
+        pos = append_position_channels(np.zeros((1, *cm.patch_size), np.float32), 0)[1:]
+        x = torch.cat((x, torch.as_tensor(pos, device=setup.device)[None].expand(batch, -1, *cm.patch_size)), 1)
+    return x
+
+
+def train_step_fn(net: nn.Module, x: torch.Tensor, num_classes: int):
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    net.train()
+    with torch.no_grad():
+        outs = net(x)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    targets = [torch.randint(0, num_classes, (o.shape[0], *o.shape[2:]), device=x.device) for o in outs]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = net(x)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        sum(nn.functional.cross_entropy(o, t) for o, t in zip(out, targets)).backward()
+        opt.step()
+    return step
+
+
+def predict_fn(trainer: type | None, net: nn.Module, pm, cm, setup: Setup, mirror_axes):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from ..inference.predict import TextGuidedPredictor
+    cls = TextGuidedPredictor if trainer is not None else nnUNetPredictor
+    pred = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=bool(mirror_axes), device=setup.device,
+               perform_everything_on_device=setup.device.type == "cuda", verbose=False, verbose_preprocessing=False,
+               allow_tqdm=False)
+    net.eval()
+    net.decoder.deep_supervision = False
+    pred.manual_initialization(net, pm, cm, [net.state_dict()], setup.dataset_json, (trainer or object).__name__,
+                               tuple(mirror_axes))
+    return lambda: pred.predict_single_npy_array(setup.volume, setup.properties)
+
+
+def extraction_rows(trainer: type, net, setup: Setup, repeats: int) -> list[tuple[str, float, float]]:
+    """[(stream, store-path slices/s, raw encoder slices/s)] for the trainer's per-slice streams."""
+    from ..conditioning.slices import render_slices, slice_table
+    streams = getattr(getattr(net, "conditioner", None), "streams", [])
+    window = tuple(trainer.settings_for(*setup.managers())["window"]) if streams else None
+    rows = []
+    n = setup.volume.shape[1] + 1
+    for s in streams:
+        enc = s.encoder_module(setup.device)
+        vol = torch.as_tensor(setup.volume, device=setup.device)
+        rendered = render_slices(torch.cat((torch.zeros_like(vol[0, :1]), vol[0]), 0), window)
+        store = timed(lambda: slice_table(vol, s, window, device=setup.device), repeats, setup.device)
+        raw = timed(lambda: getattr(enc, s.method)(rendered, batch_size=64), repeats, setup.device)
+        rows.append((s.name, n / store, n / raw))
+    return rows
+
+
+def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repeats: int = 5,
+        predict_repeats: int = 3, batch: int | None = None) -> str:
+    setup = Setup(preset, torch.device(device))
+    _, cm0 = setup.managers()
+    batch = batch or cm0.batch_size
+    lines = [f"Machine: {machine_description(setup.device)}",
+             f"Preset {preset}: patch {'x'.join(map(str, cm0.patch_size))}, batch {batch}; one phantom case "
+             f"{'x'.join(map(str, setup.volume.shape[1:]))}; medians of {repeats} (train) / {predict_repeats} "
+             "(predict) runs", ""]
+    # all models side by side, repeats interleaved round-robin, so drift (thermal, caches, other load) hits
+    # every model alike
+    names, train_fns, predict_fns, extraction = [], [], [], {}
+    for trainer in [None] + list(trainers):
+        torch.manual_seed(0)
+        net, pm, cm, lm = build(trainer, setup)
+        names.append(trainer.__name__ if trainer else "nnUNetTrainer")
+        train_fns.append(train_step_fn(net, _input(net, setup, cm, batch), lm.num_segmentation_heads))
+        mirror = trainer.mirror_axes_override if trainer is not None and trainer.mirror_axes_override else (0,)
+        predict_fns.append(predict_fn(trainer, net, pm, cm, setup, mirror))
+        if trainer is not None:
+            extraction[names[-1]] = extraction_rows(trainer, net, setup, repeats)
+    train = interleaved(train_fns, repeats, setup.device)
+    predict = interleaved(predict_fns, predict_repeats, setup.device)
+    results = {n: [t, None, p, extraction.get(n, [])] for n, t, p in zip(names, train, predict)}
+    del train_fns, predict_fns
+    # memory last: on CPU it changes the allocator's behaviour (see _return_freed_memory_to_os), which must not
+    # touch the timings
+    for trainer in [None] + list(trainers):
+        torch.manual_seed(0)
+        net, pm, cm, lm = build(trainer, setup)
+        step = train_step_fn(net, _input(net, setup, cm, batch), lm.num_segmentation_heads)
+        step()  # gradients and optimizer state exist before the measured step: its peak is the activations
+        results[trainer.__name__ if trainer else "nnUNetTrainer"][1] = peak_memory(step, setup.device)
+        del net, step
+    base_train, base_mem, base_pred, _ = results["nnUNetTrainer"]
+    lines += ["| trainer | train s/it | × backbone | peak train MiB | × backbone | predict s/case | × nnUNetTrainer |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, (train, mem, predict, _) in results.items():
+        lines.append(f"| {name} | {train:.3f} | {train / base_train:.2f} | {mem:.0f} | "
+                     f"{mem / base_mem if base_mem else float('nan'):.2f} | {predict:.2f} | {predict / base_pred:.2f} |")
+    ext = [(name, *row) for name, r in results.items() for row in r[3]]
+    if ext:
+        lines += ["", "| trainer | stream | store path slices/s | raw encoder slices/s | raw / store |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {n} | {s} | {store:.1f} | {raw:.1f} | {raw / store:.2f} |" for n, s, store, raw in ext]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trainers", nargs="+", help="trainer class names (default: every method's base trainers)")
+    p.add_argument("--preset", default="3d_tiny", help="configuration preset (3d_tiny; 3d_biclip_paper on a GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--predict-repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, help="batch size (default: the preset's)")
+    a = p.parse_args(argv)
+    from .params import trainer_class
+    trainers = [trainer_class(t) for t in a.trainers] if a.trainers else default_trainers()
+    bad = [t.__name__ for t in trainers if not issubclass(t, TextGuidedTrainer)]
+    if bad:
+        p.error(f"not text-guided trainers: {bad}")
+    print(run(trainers, a.preset, a.device, a.repeats, a.predict_repeats, a.batch))
+    return 0
