@@ -5,6 +5,14 @@
   add-config  add configuration presets (3d_tiny, 2d_tiny) to a dataset's nnUNetPlans.json
   extract     fill the embedding store (same as nnUNetv2_extract_textguided)
   demo        the whole pipeline on a generated CT phantom dataset, on CPU, in minutes
+  evaluate    nnUNetv2_evaluate_folder plus HD95, precision, recall, accuracy, both mIoU forms
+              (same as nnUNetv2_evaluate_folder_textguided)
+  params      trainable / frozen / inference parameters and forward FLOPs of a trainer (paper|tiny|plans)
+  preview     PNG panels (image, reference, prediction, note) for a few cases of a prediction folder
+  referring-dataset
+              generate the synthetic 2D referring dataset (the note names which object is the target)
+  text-dependence
+              Dice of trained models with true vs shuffled notes (does the model use the text?)
 """
 from __future__ import annotations
 
@@ -28,9 +36,9 @@ def cmd_env(args) -> int:
 def cmd_list(args) -> int:
     from .encoders import list_encoder_kinds
     from .presets import available_presets
-    from .training.biclip import ALL_TRAINERS
+    from .training import trainer_classes
     print("Trainers (nnUNetv2_train DATASET CONFIG FOLD -tr NAME):")
-    for t in ALL_TRAINERS:
+    for t in trainer_classes():
         print(f"  {t.__name__:34s} {(t.__doc__ or '').strip().splitlines()[0]}")
     print("\nEncoder kinds (specs for nnUNet_textguided_*_encoder):")
     for kind, example, desc in list_encoder_kinds():
@@ -60,6 +68,18 @@ def cmd_add_config(args) -> int:
     return 0
 
 
+#: subcommands with their own parser: "module:function" (called with the remaining arguments) and help
+_DELEGATED = {
+    "extract": (".conditioning.extract:main", "fill the embedding store (nnUNetv2_extract_textguided)"),
+    "demo": (".demo:main", "run the whole pipeline on generated data (CPU)"),
+    "evaluate": (".evaluation.evaluate:main", "evaluate a prediction folder with the papers' metrics"),
+    "params": (".evaluation.params:main", "parameter counts and FLOPs of a trainer"),
+    "preview": (".evaluation.overlay:main", "PNG panels of a prediction folder"),
+    "referring-dataset": (".data.referring:main", "generate the synthetic 2D referring dataset"),
+    "text-dependence": (".evaluation.text_dependence:main", "Dice with true vs shuffled notes"),
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="nnunet-textguided", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,17 +92,13 @@ def main(argv=None) -> int:
     a.add_argument("--force", action="store_true", help="replace a different configuration of the same name")
     a.add_argument("presets", nargs="+", help="preset names, e.g. 3d_tiny")
     a.set_defaults(fn=cmd_add_config)
-    e = sub.add_parser("extract", help="fill the embedding store (nnUNetv2_extract_textguided)", add_help=False)
-    e.set_defaults(fn=None)
-    d = sub.add_parser("demo", help="run the whole pipeline on generated data (CPU)", add_help=False)
-    d.set_defaults(fn=None)
+    for name, (_, help_) in _DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "extract":
-        from .conditioning.extract import main as extract_main
-        return extract_main(argv[1:])
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-        return demo_main(argv[1:])
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+        module, func = _DELEGATED[argv[0]][0].split(":")
+        return getattr(importlib.import_module(module, __package__), func)(argv[1:])
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -23,6 +23,7 @@ os.environ["nnUNet_extTrainer"] = os.path.abspath(list(nnunet_textguided_trainer
 
 PHANTOM_ID = 991
 PHANTOM_NAME = f"Dataset{PHANTOM_ID}_TestPhantom"
+REFERRING_ID = 993
 BIN = Path(sys.executable).parent
 
 
@@ -43,6 +44,17 @@ def phantom_dataset() -> Path:
     run_cmd("nnUNetv2_plan_and_preprocess", "-d", PHANTOM_ID, "-c", "3d_fullres", "-np", "2",
             "--verify_dataset_integrity")
     run_cmd("nnunet-textguided", "add-config", "-d", PHANTOM_ID, "3d_tiny")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def referring_dataset() -> Path:
+    """The synthetic 2D referring dataset, planned and preprocessed (2d) by stock nnU-Net, with 2d_tiny."""
+    from nnunet_textguided.data.referring import make_referring_dataset
+    folder = make_referring_dataset(Path(os.environ["nnUNet_raw"]), dataset_id=REFERRING_ID, n_train=16, n_test=8,
+                                    seed=3)
+    run_cmd("nnUNetv2_plan_and_preprocess", "-d", REFERRING_ID, "-c", "2d", "-np", "2", "--verify_dataset_integrity")
+    run_cmd("nnunet-textguided", "add-config", "-d", REFERRING_ID, "2d_tiny")
     return folder
 
 

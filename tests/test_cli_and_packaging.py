@@ -8,8 +8,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import run_cmd
+from nnunet_textguided.cli import _DELEGATED
+from nnunet_textguided.cli import main as cli_main
 from spawn_worker import load_in_child
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +74,16 @@ def test_wheel_carries_trainers_presets_and_commands(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "nnunet_textguided_trainers/textguided_trainers.py" in names
     assert "nnunet_textguided_plans/3d_tiny.json" in names
+    assert "nnunet_textguided_plans/3d_biclip_paper.json" in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for cmd in ("nnunet-textguided", "nnUNetv2_extract_textguided", "nnUNetv2_predict_textguided"):
+    for cmd in ("nnunet-textguided", "nnUNetv2_extract_textguided", "nnUNetv2_predict_textguided",
+                "nnUNetv2_evaluate_folder_textguided"):
         assert cmd in entry
+
+
+@pytest.mark.parametrize("command", sorted(_DELEGATED))
+def test_every_subcommand_is_wired_and_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out

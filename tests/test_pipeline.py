@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from nnunetv2.evaluation.evaluate_predictions import load_summary_json
 
 from conftest import PHANTOM_ID, PHANTOM_NAME, run_cmd
 
@@ -43,8 +44,10 @@ def assert_valid_segmentations(pred: Path, ref: Path, n: int):
 def test_training_outputs(trained, trainer):
     fold = model_dir(trainer) / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
-    summary = json.loads((fold / "validation" / "summary.json").read_text())
-    assert "foreground_mean" in summary
+    # the final validation writes nnU-Net's summary.json extended with the papers' metrics
+    summary = load_summary_json(str(fold / "validation" / "summary.json"))
+    assert {"Dice", "IoU", "HD95", "Precision", "Recall", "Accuracy", "IoU_fgbg"} <= set(summary["foreground_mean"])
+    assert set(summary["mean"]) == {1, 2, 3} and {"mIoU", "mIoU_fgbg", "Accuracy"} <= set(summary["case_mean"])
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     keys = list(ckpt["network_weights"])
     # frozen encoders are not part of the checkpoint; the checkpoint records their specs and weight hashes
