@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from .data.synthetic import make_ct_phantom_dataset
-    from .evaluation.overlay import save_overlay_png
+    from .evaluation.overlay import preview_folder
 
     out = Path(args.out).resolve()
     if (out / "nnUNet_raw" / DATASET_NAME).exists():
@@ -77,23 +77,25 @@ def main(argv=None) -> int:
         print(f"[6/7] predicting imagesTs ({predict})", flush=True)
         run([predict, "-i", str(folder / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", "3d_tiny",
              "-f", "0", "-tr", args.tr, "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
-        print("[7/7] evaluation (nnU-Net's) and an overlay PNG", flush=True)
-        run(["nnUNetv2_evaluate_folder", str(folder / "labelsTs"), str(pred), "-djfile", str(folder / "dataset.json"),
+        print("[7/7] evaluation (nnU-Net's summary.json + HD95, precision, recall, mIoU) and preview PNGs", flush=True)
+        run(["nnUNetv2_evaluate_folder_textguided", str(folder / "labelsTs"), str(pred), "-djfile",
+             str(folder / "dataset.json"),
              "-pfile", str(out / "nnUNet_preprocessed" / DATASET_NAME / "nnUNetPlans.json"), "-np", "1"], env, log)
     summary = json.loads((pred / "summary.json").read_text())
     labels = json.loads((folder / "dataset.json").read_text())["labels"]
     names = {v: k for k, v in labels.items()}
-    case = sorted(p.name for p in pred.glob("*.nii.gz"))[0]
-    png = save_overlay_png(folder / "imagesTs" / case.replace(".nii.gz", "_0000.nii.gz"), pred / case,
-                           out / "overlay.png", label_names={k: v for k, v in names.items() if k},
-                           reference_file=folder / "labelsTs" / case)
-    print(f"\nmean foreground Dice on imagesTs: {summary['foreground_mean']['Dice']:.3f}")
+    previews = preview_folder(pred, folder / "imagesTs", out / "previews", reference_folder=folder / "labelsTs",
+                              dataset_json=folder / "dataset.json", n_cases=args.n_test)
+    fg = summary["foreground_mean"]
+    print(f"\nimagesTs, mean over foreground labels: Dice {fg['Dice']:.3f}  HD95 {fg['HD95']:.1f} mm  "
+          f"precision {fg['Precision']:.3f}  recall {fg['Recall']:.3f}")
     for k, v in summary["mean"].items():
-        print(f"  {names.get(int(k), k):10s} Dice {v['Dice']:.3f}")
+        print(f"  {names.get(int(k), k):10s} Dice {v['Dice']:.3f}  HD95 {v['HD95']:6.1f} mm")
     print(f"\nraw data:       {folder}\npreprocessed:   {out / 'nnUNet_preprocessed' / DATASET_NAME}"
           f"\nembedding store: {out / 'nnUNet_preprocessed' / DATASET_NAME / 'nnUNetPlans_3d_fullres' / 'textguided'}"
           f"\nmodel:          {out / 'nnUNet_results' / DATASET_NAME}\npredictions:    {pred}"
-          f"\nevaluation:     {pred / 'summary.json'}\noverlay:        {png}\nlog:            {out / 'demo.log'}"
+          f"\nevaluation:     {pred / 'summary.json'}\npreviews:       {previews[0].parent}"
+          f"\nlog:            {out / 'demo.log'}"
           f"\ntotal time:     {time.time() - t0:.0f} s")
     return 0
 
