@@ -1,0 +1,27 @@
+"""The benchmark harness runs and measures (no timing is asserted: timings belong to scripts/benchmark)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_harness_prints_the_side_by_side_table():
+    # a subprocess: the CPU memory measurement changes the allocator's settings for the whole process
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark"), "--trainers", "BiCLIPTrainer_offline",
+                        "--repeats", "1", "--predict-repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert {"nnUNetTrainer", "BiCLIPTrainer_offline"} <= set(rows)
+    base = [c.strip() for c in rows["nnUNetTrainer"].split("|")[2:-1]]
+    assert base[1] == "1.00" and base[5] == "1.00"  # the baseline's ratios
+    assert float(base[2]) > 1  # peak memory of a training iteration is measured (MiB)
+    assert "Machine:" in r.stdout and "raw / store" in r.stdout
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    code = ("import torch; from nnunet_textguided.evaluation.benchmark import peak_memory; "
+            "print(peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum(), torch.device('cpu')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 56 < float(r.stdout.split()[-1]) < 200  # a 64 MiB tensor, freed again after the call
