@@ -45,7 +45,7 @@ def cmd_list(args) -> int:
         print(f"  {kind:13s} {example:60s} {desc}")
     print("\nConfiguration presets (nnunet-textguided add-config -d DATASET NAME…):")
     for name, p in sorted(available_presets().items()):
-        print(f"  {name:13s} {p.get('description', '')}")
+        print(f"  {name:16s} {p.get('description', '')}")
     return 0
 
 

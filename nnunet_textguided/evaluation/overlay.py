@@ -132,7 +132,8 @@ def _wrap_note(note: str, width: int) -> list[str]:
 
 def save_overlay_png(image_file, seg_file, png_file, label_names: dict[int, str] | None = None,
                      reference_file=None, n_slices: int = 3, window=WINDOW_ABDOMEN,
-                     alpha: float = 0.45, title: str | None = None, dpi: int = 100, note: str | None = None) -> Path:
+                     alpha: float = 0.45, title: str | None = None, dpi: int = 100, note: str | None = None,
+                     image_row: bool = False) -> Path:
     """Write a PNG with the ``n_slices`` most-foreground axial slices of ``image_file`` and ``seg_file`` overlaid.
 
     ``label_names`` maps label values to legend names (missing ones are shown as ``label k``); with
@@ -141,7 +142,8 @@ def save_overlay_png(image_file, seg_file, png_file, label_names: dict[int, str]
     default), ``"auto"`` for the image's 1st-99th percentile (MR, X-ray PNGs...) or ``None`` for its full
     range. ``note`` (e.g. the case's clinical note) is shown wrapped in a text band under the panels, which
     makes the figure taller; at most 6 lines, longer notes end in an ellipsis. The image, the segmentation and
-    the reference must share one voxel grid. Returns the path of the PNG.
+    the reference must share one voxel grid. ``image_row`` adds a first row with the image alone (what the
+    overlays cover). Returns the path of the PNG.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -164,6 +166,8 @@ def save_overlay_png(image_file, seg_file, png_file, label_names: dict[int, str]
     for _, arr in rows:
         union |= arr > 0
     slices = select_slices(union, n_slices)
+    if image_row:
+        rows.insert(0, ("image", np.zeros(image.shape, np.int32)))
 
     vmin, vmax, window_desc = _display_range(image, window)
     ny, nx = image.shape[1:]
@@ -285,7 +289,7 @@ def preview_folder(pred_folder, images_folder, output_folder, reference_folder=N
             raise ValueError(f"{png}: the preview would overwrite an input; choose another output folder")
         jobs.append((image, pred_folder / f"{case}{ending}", png, ref, _case_note(images_folder, case)))
     return [save_overlay_png(image, pred, png, names, reference_file=ref, n_slices=n_slices,
-                             window=WINDOW_ABDOMEN if is_ct else "auto", note=note)
+                             window=WINDOW_ABDOMEN if is_ct else "auto", note=note, image_row=True)
             for image, pred, png, ref, note in jobs]
 
 
