@@ -8,6 +8,8 @@ With no streams (ablation Net1) the forward is exactly the backbone's.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -25,23 +27,48 @@ class BiCLIPNetwork(ConditionedNetwork):
         num_heads: heads of the two global self-attention blocks (default C // 32, at least 1).
         adapter_hidden: adapter MLP width (default E // 4: 192 for 768-d embeddings as in the paper).
         num_attention_blocks: 2 in the paper.
+        attention_init: "bottleneck" (the paper: the new layers are built like the backbone's last bottleneck
+            layer and start from its weights — copied, not shared; needs ``backbone.bottleneck_blocks()``, as
+            nnFormer has) or "fresh" (new global self-attention blocks; the only option for CNN backbones).
+        fusion_hidden: width of the fusion MLP 2C -> hidden -> C (default C; the paper gives none).
+        combine: how the per-stream CLIP maps combine pixel-wise: "sum" (the plain reading) or "mean".
     """
 
     def __init__(self, backbone: nn.Module, streams: dict[str, int], num_slices: int,
                  bottleneck_grid: tuple[int, int, int], bottleneck_channels: int, num_heads: int | None = None,
-                 adapter_hidden: int | None = None, num_attention_blocks: int = 2, drop_path: float = 0.0):
+                 adapter_hidden: int | None = None, num_attention_blocks: int = 2, drop_path: float = 0.0,
+                 attention_init: str = "bottleneck", fusion_hidden: int | None = None, combine: str = "sum"):
         super().__init__()
         self.backbone = backbone
         self.stream_names = tuple(streams)
+        if combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
+        self.combine = combine
         c = bottleneck_channels
         self.adapters = nn.ModuleDict({
             name: SliceEmbeddingAdapter(e, c, num_slices, bottleneck_grid[0], hidden=adapter_hidden)
             for name, e in streams.items()})
         if streams:
             heads = num_heads or max(1, c // 32)
-            self.fuse = nn.Sequential(nn.Linear(2 * c, c), nn.GELU(), nn.Linear(c, c))
-            self.attention = nn.ModuleList(GlobalSelfAttentionBlock(c, heads, tuple(bottleneck_grid), drop_path=drop_path)
-                                           for _ in range(num_attention_blocks))
+            hidden = fusion_hidden or c
+            self.fuse = nn.Sequential(nn.Linear(2 * c, hidden), nn.GELU(), nn.Linear(hidden, c))
+            if attention_init not in ("bottleneck", "fresh"):
+                raise ValueError(f"attention_init must be 'bottleneck' or 'fresh', got {attention_init!r}")
+            if attention_init == "bottleneck" and hasattr(backbone, "bottleneck_blocks"):
+                last = backbone.bottleneck_blocks()[-1]
+                self.attention = nn.ModuleList(copy.deepcopy(last) for _ in range(num_attention_blocks))
+            else:
+                self.attention = nn.ModuleList(
+                    GlobalSelfAttentionBlock(c, heads, tuple(bottleneck_grid), drop_path=drop_path)
+                    for _ in range(num_attention_blocks))
+
+    def reset_attention_from_bottleneck(self) -> None:
+        """Copy the backbone's last bottleneck layer into the fused attention layers again (after loading
+        pretrained backbone weights, so that they start from those weights as in the paper)."""
+        if hasattr(self, "attention") and hasattr(self.backbone, "bottleneck_blocks"):
+            last = self.backbone.bottleneck_blocks()[-1].state_dict()
+            for block in self.attention:
+                block.load_state_dict(last)
 
     @property
     def decoder(self):
@@ -56,6 +83,8 @@ class BiCLIPNetwork(ConditionedNetwork):
         """feat (B, C, D_b, H_b, W_b), embeddings {stream: (B, D, E)} -> fused (B, C, D_b, H_b, W_b)."""
         b, c, d, h, w = feat.shape
         clip = sum(self.adapters[n](embeddings[n].to(feat.dtype)) for n in self.stream_names)  # (B, D_b, C)
+        if self.combine == "mean":
+            clip = clip / len(self.stream_names)
         clip_map = clip.transpose(1, 2)[..., None, None].expand(b, c, d, h, w)
         tokens = torch.cat((feat, clip_map), 1).flatten(2).transpose(1, 2)  # (B, N, 2C)
         tokens = self.fuse(tokens)

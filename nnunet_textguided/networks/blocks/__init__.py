@@ -1,5 +1,5 @@
 """Building blocks shared by the method networks (torch only)."""
 from .adapters import SliceEmbeddingAdapter
-from .attention import GlobalSelfAttentionBlock, RelativePositionBias3d
+from .attention import DropPath, GlobalSelfAttentionBlock, RelativePositionBias3d
 
-__all__ = ["SliceEmbeddingAdapter", "GlobalSelfAttentionBlock", "RelativePositionBias3d"]
+__all__ = ["SliceEmbeddingAdapter", "DropPath", "GlobalSelfAttentionBlock", "RelativePositionBias3d"]

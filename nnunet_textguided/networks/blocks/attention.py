@@ -1,4 +1,7 @@
-"""Global self-attention over a 3D token grid (nnFormer's bottleneck block with window = whole grid).
+"""Global self-attention over a 3D token grid, for backbones without attention layers of their own.
+
+Built like nnFormer's bottleneck block with window = whole grid; on an nnFormer backbone BiCLIP copies
+nnFormer's own last bottleneck block instead (networks/nnformer.py), as the paper does.
 
 Pre-LayerNorm -> multi-head attention (qkv bias, scale head_dim^-0.5, learned relative-position bias)
 -> projection -> residual; LayerNorm -> MLP 4x GELU -> residual. Attention runs through torch SDPA.
@@ -10,11 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability p during training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
 class RelativePositionBias3d(nn.Module):
     """Learned bias table of (2d-1)(2h-1)(2w-1) x heads, indexed by token-pair offsets.
 
-    nnFormer indexes with multipliers (3h-1) and (2h-1) instead of Swin's; any injective flattening of the
-    offset triple gives the same function class, so the plain mixed-radix index over (2d-1, 2h-1, 2w-1) is used.
+    One entry per offset (Swin's injective mixed-radix index over (2d-1, 2h-1, 2w-1)). nnFormer's own index
+    (multipliers 3h-1 and 2h-1) is not injective — several offsets share an entry — so its blocks are not
+    interchangeable with this one; nnFormer backbones keep theirs (networks/nnformer.py).
     """
 
     def __init__(self, grid: tuple[int, int, int], num_heads: int):
@@ -53,18 +72,11 @@ class GlobalSelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.drop_path = drop_path
-
-    def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_path == 0.0:
-            return x
-        keep = 1.0 - self.drop_path
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=self.bias().to(qkv.dtype)[None])
-        x = x + self._drop(self.proj(attn.transpose(1, 2).reshape(b, n, c)))
-        return x + self._drop(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.proj(attn.transpose(1, 2).reshape(b, n, c)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
