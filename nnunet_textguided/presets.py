@@ -33,10 +33,18 @@ def available_presets() -> dict[str, dict]:
 
 
 def configuration_from_preset(plans: dict, preset: dict) -> dict:
+    """The configuration a preset adds. A preset either gives ``features_per_stage`` (nnU-Net's UNet, topology
+    derived for the patch) or a complete ``architecture`` (e.g. nnFormer, whose crop is fixed) used as is."""
     parent = PlansManager(copy.deepcopy(plans)).get_configuration(preset["inherits_from"]).configuration
     spacing, patch = parent["spacing"], list(preset["patch_size"])
     if len(spacing) != len(patch):
         raise ValueError(f"preset patch {patch} does not match the {len(spacing)}D parent configuration")
+    if "architecture" in preset:
+        out = {"inherits_from": preset["inherits_from"], "patch_size": patch, "batch_size": int(preset["batch_size"]),
+               "architecture": copy.deepcopy(preset["architecture"])}
+        if "deep_supervision" in preset:
+            out["deep_supervision"] = bool(preset["deep_supervision"])
+        return out
     features = list(preset["features_per_stage"])
     _, pool, conv, patch, _ = get_pool_and_conv_props(spacing, patch, 4, 999999)
     n = min(len(features), len(pool))

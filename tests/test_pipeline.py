@@ -13,13 +13,16 @@ from conftest import PHANTOM_ID, PHANTOM_NAME, run_cmd
 
 pytestmark = pytest.mark.slow
 RESULTS = Path(os.environ["nnUNet_results"])
-ONLINE = ["BiCLIPTrainer_Net1_2epochs", "BiCLIPTrainer_Net2_2epochs", "BiCLIPTrainer_Net3_2epochs",
-          "BiCLIPTrainer_Net4_2epochs"]
+# on nnU-Net's UNet (3d_tiny): the backbone alone, both streams, paper mode
+ONLINE = ["BiCLIPTrainer_Net1_2epochs", "BiCLIPTrainer_Net4_2epochs"]
 OFFLINE = "BiCLIPTrainer_offline_2epochs"
+# BiCLIP-nnFormer Net1-Net4 on the nnFormer configuration (3d_nnformer_tiny)
+NNFORMER = ["nnFormerTrainer_2epochs", "BiCLIPTrainer_Net2_2epochs", "BiCLIPTrainer_Net3_2epochs",
+            "BiCLIPTrainer_2epochs"]
 
 
-def model_dir(trainer: str) -> Path:
-    return RESULTS / PHANTOM_NAME / f"{trainer}__nnUNetPlans__3d_tiny"
+def model_dir(trainer: str, configuration: str = "3d_tiny") -> Path:
+    return RESULTS / PHANTOM_NAME / f"{trainer}__nnUNetPlans__{configuration}"
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +31,15 @@ def trained(phantom_dataset):
     run_cmd("nnUNetv2_extract_textguided", "-d", PHANTOM_ID, "-c", "3d_tiny", "-tr", OFFLINE)
     for tr in ONLINE + [OFFLINE]:
         run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_tiny", 0, "-tr", tr, "-device", "cpu")
+    return phantom_dataset
+
+
+@pytest.fixture(scope="session")
+def trained_nnformer(phantom_dataset):
+    """BiCLIP-nnFormer Net1 (nnFormerTrainer) to Net4, trained with stock nnUNetv2_train on 3d_nnformer_tiny."""
+    run_cmd("nnunet-textguided", "add-config", "-d", PHANTOM_ID, "3d_nnformer_tiny")
+    for tr in NNFORMER:
+        run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_nnformer_tiny", 0, "-tr", tr, "-device", "cpu")
     return phantom_dataset
 
 
@@ -57,6 +69,26 @@ def test_training_outputs(trained, trainer):
     assert all(len(r["weight_hash"]) == 64 for r in records.values())
     plans = json.loads((model_dir(trainer) / "plans.json").read_text())
     assert plans["configurations"]["3d_tiny"]["textguided"]["encoders"] == records
+
+
+@pytest.mark.parametrize("trainer", NNFORMER)
+def test_biclip_nnformer_trains_and_predicts_with_stock_commands(trained_nnformer, trainer, tmp_path):
+    fold = model_dir(trainer, "3d_nnformer_tiny") / "fold_0"
+    summary = load_summary_json(str(fold / "validation" / "summary.json"))
+    assert "HD95" in summary["foreground_mean"]
+    keys = list(torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"])
+    assert any(k.startswith("backbone.encoder.") for k in keys)
+    # Net1 is nnFormer alone; Net2-4 add adapters and the two fused attention layers
+    assert any(k.startswith("attention.1.") for k in keys) == (trainer != "nnFormerTrainer_2epochs")
+    run_cmd("nnUNetv2_predict", "-i", trained_nnformer / "imagesTs", "-o", tmp_path, "-d", PHANTOM_ID,
+            "-c", "3d_nnformer_tiny", "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1)
+    assert_valid_segmentations(tmp_path, trained_nnformer / "labelsTs", 2)
+
+
+def test_nnformer_trainer_needs_an_nnformer_configuration(trained):
+    r = run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_tiny", 0, "-tr", "nnFormerTrainer_2epochs", "-device", "cpu",
+                check=False)
+    assert r.returncode != 0 and "3d_nnformer_synapse" in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("trainer", ONLINE)

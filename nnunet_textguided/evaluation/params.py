@@ -71,8 +71,10 @@ def trainer_class(name: str):
 
 
 def count_plans(trainer, config: str, dataset: str | None = None, configuration: str | None = None,
-                plans_identifier: str = "nnUNetPlans") -> tuple[dict, str, dict, dict[str, str] | None]:
-    """(plans, configuration name, dataset_json, encoder override) for a config kind."""
+                plans_identifier: str = "nnUNetPlans", preset: str | None = None
+                ) -> tuple[dict, str, dict, dict[str, str] | None]:
+    """(plans, configuration name, dataset_json, encoder override) for a config kind. ``preset`` picks another
+    paper preset than the trainer's own (e.g. nnFormer's ACDC configuration)."""
     from ..presets import preset_plans
     if config == "plans":
         if dataset is None or configuration is None:
@@ -84,10 +86,11 @@ def count_plans(trainer, config: str, dataset: str | None = None, configuration:
         return load_json(join(folder, plans_identifier + ".json")), configuration, \
             load_json(join(folder, "dataset.json")), None
     if config == "paper":
-        if trainer.paper_preset is None:
-            raise ValueError(f"{trainer.__name__} has no paper configuration")
-        plans, name = preset_plans(trainer.paper_preset)
-        classes = plans_reference(trainer.paper_preset)["num_classes"]
+        preset = preset or trainer.paper_preset
+        if preset is None:
+            raise ValueError(f"{trainer.__name__} has no paper configuration; pass --preset")
+        plans, name = preset_plans(preset)
+        classes = plans_reference(preset)["num_classes"]
         return plans, name, _dataset_json(classes), dict(trainer.paper_encoders)
     if config == "tiny":
         plans, name = preset_plans(trainer.tiny_preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
@@ -131,8 +134,9 @@ def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: d
 
 
 def count(trainer, config: str = "paper", dataset: str | None = None, configuration: str | None = None,
-          plans_identifier: str = "nnUNetPlans") -> ParamReport:
-    plans, cfg_name, dataset_json, encoders = count_plans(trainer, config, dataset, configuration, plans_identifier)
+          plans_identifier: str = "nnUNetPlans", preset: str | None = None) -> ParamReport:
+    plans, cfg_name, dataset_json, encoders = count_plans(trainer, config, dataset, configuration, plans_identifier,
+                                                          preset)
     device = "meta" if config == "paper" else "cpu"
     net, structures, cm, lm, n_in = build_for_counting(trainer, plans, cfg_name, dataset_json, encoders, device)
     params = dict(net.named_parameters())
@@ -209,10 +213,12 @@ def main(argv=None) -> int:
     p.add_argument("-d", help="dataset name or id (--config plans)")
     p.add_argument("-c", help="configuration (--config plans)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (--config plans)")
+    p.add_argument("--preset", help="with --config paper: another paper preset than the trainer's own, e.g. "
+                                    "3d_nnformer_acdc (see nnunet-textguided list)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     try:
-        report = count(trainer_class(a.trainer), a.config, a.d, a.c, a.p)
+        report = count(trainer_class(a.trainer), a.config, a.d, a.c, a.p, a.preset)
     except (KeyError, ValueError, FileNotFoundError) as e:
         print(f"nnunet-textguided params: error: {e}", file=sys.stderr)
         return 2

@@ -69,14 +69,18 @@ class TextGuidedTrainer(nnUNetTrainer):
     short_iterations_per_epoch: int | None = None
     short_val_iterations_per_epoch: int | None = None
     short_epochs: int | None = None
+    #: the method paper's number of epochs (None = nnU-Net's 1000)
+    default_epochs: int | None = None
     #: restrict mirroring (training augmentation and test-time) to these axes; None = nnU-Net's choice
     mirror_axes_override: tuple[int, ...] | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.short_epochs is not None:
-            self.num_epochs = self.short_epochs
+        if (self.short_epochs or self.default_epochs) is not None:
+            self.num_epochs = self.short_epochs or self.default_epochs
+        # a configuration may switch deep supervision off (nnFormer's ACDC setting)
+        self.enable_deep_supervision = bool(self.configuration_manager.configuration.get("deep_supervision", True))
         if self.short_iterations_per_epoch is not None:
             self.num_iterations_per_epoch = self.short_iterations_per_epoch
         if self.short_val_iterations_per_epoch is not None:

@@ -28,6 +28,17 @@ from ..networks.biclip import BiCLIPNetwork
 from .base import TextGuidedTrainer, check_and_record_encoders, register_network_builder, short_schedule
 
 STREAM_METHODS = {"image": "embed_images", "caption": "embed_captions"}
+NNFORMER_CLASS = "nnunet_textguided.networks.nnformer.NnFormer"
+#: what the paper leaves open (METHODS.md), as settings recorded in the run's plans.json:
+#: - two fused global self-attention layers that *follow* the bottleneck (its own layers stay), built like its
+#:   last layer and starting from its weights ("bottleneck"; "fresh" for backbones without attention layers);
+#: - the CLIP maps of the two streams are summed pixel-wise ("sum" | "mean");
+#: - the concatenation takes the bottleneck *after* its norm (norm3: what nnFormer's decoder receives);
+#: - fusion MLP 2C -> C -> C (fusion_hidden None = C); LayerNorm after the adapters' Conv1d (SliceEmbeddingAdapter);
+#: - slices rendered with a fixed window (``window``) and resized by each encoder to its own input size;
+#:   CoCa generation settings are part of the caption encoder's spec (``?generation=greedy&seq_len=...``).
+PAPER_OPEN_CHOICES = {"num_attention_blocks": 2, "attention_init": "bottleneck", "combine": "sum",
+                      "fusion_hidden": None}
 
 
 def bottleneck_geometry(configuration_manager) -> tuple[tuple[int, int, int], int]:
@@ -49,11 +60,16 @@ def build_biclip_network(settings, backbone, plans_manager, configuration_manage
     if len(patch) != 3:
         raise ValueError(f"BiCLIP is a 3D method; configuration has a {len(patch)}D patch {patch}. "
                          "Train a 3d configuration (3d_fullres, 3d_tiny).")
-    grid, channels = bottleneck_geometry(configuration_manager)
+    if hasattr(backbone, "grids"):  # nnFormer knows its own grids (its merges do not follow nnU-Net's strides)
+        grid, channels = tuple(backbone.grids[-1]), int(backbone.channels[-1])
+    else:
+        grid, channels = bottleneck_geometry(configuration_manager)
     streams = streams_of(settings)
     dims = {s.name: settings["encoders"][s.encoder]["embed_dim"] for s in streams}
     net = BiCLIPNetwork(backbone, dims, num_slices=patch[0], bottleneck_grid=grid, bottleneck_channels=channels,
-                        num_attention_blocks=settings.get("num_attention_blocks", 2))
+                        num_attention_blocks=settings.get("num_attention_blocks", 2),
+                        attention_init=settings.get("attention_init", "bottleneck"),
+                        fusion_hidden=settings.get("fusion_hidden"), combine=settings.get("combine", "sum"))
     window = tuple(settings["window"])
     if settings["mode"] == "offline":
         net.set_conditioner(TableSliceConditioner(streams, window, num_input_channels))
@@ -70,7 +86,10 @@ class BiCLIPTrainer(TextGuidedTrainer):
     image_encoder = "tiny-pmcclip"
     caption_encoder = "tiny-coca"
 
-    paper_preset = "3d_biclip_paper"
+    paper_preset = "3d_nnformer_synapse"
+    #: the BiCLIP paper trains nnFormer for 500 epochs (SGD 1e-2, momentum 0.99, Nesterov, weight decay 3e-5:
+    #: nnU-Net's own optimizer and poly schedule)
+    default_epochs = 500
     paper_encoders = {"image": "pmcclip:image_encoder(resnet50).pth",
                       "caption": "coca:coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k"}
 
@@ -82,12 +101,62 @@ class BiCLIPTrainer(TextGuidedTrainer):
         return {"method": "biclip", "mode": cls.mode, "streams": streams,
                 "encoders": {s["encoder"]: {} for s in streams},
                 "window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration)),
-                "num_attention_blocks": 2}
+                **PAPER_OPEN_CHOICES}
+
+
+    # -- nnFormer backbone conventions --------------------------------------------------------------------
+    @property
+    def uses_nnformer(self) -> bool:
+        return self.configuration_manager.network_arch_class_name == NNFORMER_CLASS
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        if self.enable_deep_supervision and self.uses_nnformer:
+            # nnFormer weights its outputs 1 : 1/2 : 1/4 (normalised); nnU-Net would drop the coarsest one
+            w = np.array([0.5 ** i for i in range(len(loss.weight_factors))])
+            loss.weight_factors = tuple(w / w.sum())
+        return loss
+
+    def initialize(self):
+        super().initialize()
+        weights = self.setting("nnUNet_textguided_nnformer_weights", "")
+        if weights and not self.uses_nnformer:
+            raise ValueError(f"nnUNet_textguided_nnformer_weights is set ({weights}) but configuration "
+                             f"'{self.configuration_name}' is not an nnFormer configuration")
+        if weights:
+            self.load_nnformer_weights(weights)
+
+    def load_nnformer_weights(self, path: str) -> dict:
+        """Initialise the nnFormer backbone from a local nnFormer checkpoint (set
+        ``nnUNet_textguided_nnformer_weights``); the fused attention layers then start from the loaded last
+        bottleneck layer. Everything not loaded is reported in the log."""
+        from ..networks.nnformer import load_nnformer_checkpoint
+        net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        report = load_nnformer_checkpoint(net.backbone, path, weights_only=False)
+        net.reset_attention_from_bottleneck()
+        self.print_to_log_file(
+            f"nnFormer weights {path}: {report['matched']} tensors loaded; missing {report['missing']}; "
+            f"unexpected {report['unexpected']}; shape mismatch {report['shape_mismatch']}", also_print_to_console=True)
+        return report
 
 
 class BiCLIPTrainer_Net1(BiCLIPTrainer):
     """Ablation Net1: the backbone alone."""
     streams = ()
+
+
+class nnFormerTrainer(BiCLIPTrainer_Net1):
+    """nnFormer alone (BiCLIP's Net1) on an nnFormer configuration, with the schedule BiCLIP used."""
+    tiny_preset = "3d_nnformer_tiny"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if not self.uses_nnformer:
+            raise ValueError(f"{type(self).__name__} trains nnFormer, but configuration '{configuration}' builds "
+                             f"{self.configuration_manager.network_arch_class_name}. Add an nnFormer configuration "
+                             "(nnunet-textguided add-config -d DATASET 3d_nnformer_synapse | 3d_nnformer_acdc | "
+                             "3d_nnformer_tiny) and train that one.")
 
 
 class BiCLIPTrainer_Net2(BiCLIPTrainer):
@@ -196,7 +265,7 @@ class PositionedDatasetClass:
 
 
 BASE_TRAINERS = [BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2, BiCLIPTrainer_Net3, BiCLIPTrainer_Net4,
-                 BiCLIPTrainer_offline]
+                 BiCLIPTrainer_offline, nnFormerTrainer]
 # short schedules: _2epochs for smoke tests, _40epochs for the demo (see README for timings)
 SHORT_TRAINERS = [short_schedule(t, e, it, vit) for t in BASE_TRAINERS for e, it, vit in ((2, 4, 2), (40, 25, 4))]
 globals().update({t.__name__: t for t in SHORT_TRAINERS})

@@ -15,7 +15,7 @@ from nnunet_textguided.networks.blocks import SliceEmbeddingAdapter
 from nnunet_textguided.presets import preset_plans
 from nnunet_textguided.training import trainer_classes
 from nnunet_textguided.training.biclip import (BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2,
-                                               BiCLIPTrainer_Net4, bottleneck_geometry)
+                                               BiCLIPTrainer_Net4, nnFormerTrainer)
 
 BASE_TRAINERS = [t for t in trainer_classes() if t.short_epochs is None]
 
@@ -33,6 +33,7 @@ def test_tiny_counts_match_the_network_nnunet_trains(trainer):
     cm.configuration["textguided"] = trainer.settings_for(pm, cm)
     net = trainer.build_network_architecture(pm, cm, 1, 4, False)  # what nnUNetv2_train builds
     assert report.trainable == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert report.patch_size == list(cm.patch_size)
     assert report.trainable - report.training_only + report.frozen_in_network == numel(net)
     specs = cm.configuration["textguided"]["encoders"]
     assert set(report.encoders) == set(specs)
@@ -43,9 +44,10 @@ def test_tiny_counts_match_the_network_nnunet_trains(trainer):
 
 
 def test_paper_configuration_is_built_on_meta_with_real_size_encoders():
+    """BiCLIP's paper configuration: nnFormer (Synapse) with PMC-CLIP and CoCa ViT-L-14."""
     reports = {t: count(t, "paper") for t in (BiCLIPTrainer_Net1, BiCLIPTrainer_Net2, BiCLIPTrainer_Net4)}
     full = reports[BiCLIPTrainer_Net4]
-    assert full.patch_size == [64, 128, 128] and full.num_classes == 9
+    assert full.patch_size == [64, 128, 128] and full.num_classes == 14
     coca, pmc = BiCLIPTrainer.paper_encoders["caption"], BiCLIPTrainer.paper_encoders["image"]
     assert full.encoders[coca]["params"] == 638_450_177  # open_clip coca_ViT-L-14, all towers
     assert full.encoders[pmc]["params"] == 37_792_352  # PMC-CLIP ModifiedResNet-50, 768-d
@@ -53,11 +55,19 @@ def test_paper_configuration_is_built_on_meta_with_real_size_encoders():
     assert full.encoders[coca]["gflops_per_forward"] > full.encoders[pmc]["gflops_per_forward"] > 64 * 10
     assert reports[BiCLIPTrainer_Net1].encoders == {}
     # one stream adds one 3D CLIP adapter: Net4 - Net2 is exactly one adapter of the paper's shape
-    plans, name = preset_plans(BiCLIPTrainer.paper_preset)
-    grid, channels = bottleneck_geometry(PlansManager(plans).get_configuration(name))
-    adapter = SliceEmbeddingAdapter(768, channels, 64, grid[0])
+    # (768 -> 192 -> 1536, 64 slices -> bottleneck depth 4)
+    adapter = SliceEmbeddingAdapter(768, 1536, 64, 4)
     assert full.trainable - reports[BiCLIPTrainer_Net2].trainable == numel(adapter)
     assert reports[BiCLIPTrainer_Net1].network_gflops < full.network_gflops
+
+
+@pytest.mark.parametrize("preset, params", [("3d_nnformer_synapse", 150_054_210), ("3d_nnformer_acdc", 37_197_072)])
+def test_nnformer_paper_configurations(preset, params):
+    """nnFormer's authors publish 150.5 M for Synapse (14 classes); ACDC has all three heads built (nnU-Net
+    switches deep supervision at run time), one more than the authors' ACDC file."""
+    assert count(nnFormerTrainer, "paper", preset=preset).trainable == params
+    fused = count(BiCLIPTrainer, "paper", preset=preset)
+    assert fused.trainable > params and len(fused.encoders) == 2
 
 
 def test_paper_network_is_never_allocated():

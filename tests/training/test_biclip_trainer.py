@@ -85,3 +85,46 @@ def test_paper_mode_network_reads_the_store(trainer):
     fresh = cond.compute_tables(data[:1])
     for name, t in cond.tables[0].items():
         torch.testing.assert_close(t, fresh[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset, weights", [("3d_nnformer_tiny", (4 / 7, 2 / 7, 1 / 7)), ("3d_nnformer_acdc", None)])
+def test_nnformer_schedule_and_deep_supervision(preset, weights):
+    """BiCLIP's schedule on nnFormer: 500 epochs, nnFormer's output weights 1:1/2:1/4 (nnU-Net would drop the
+    coarsest), no deep supervision where nnFormer has none (ACDC)."""
+    from nnunet_textguided.presets import preset_plans
+    from nnunet_textguided.training.biclip import nnFormerTrainer
+    plans, name = preset_plans(preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}
+    plans["continue_training"] = False  # set by nnUNetv2_train's run_training
+    tr = nnFormerTrainer(plans, name, 0, dataset_json, device=torch.device("cpu"))
+    assert tr.num_epochs == 500
+    assert tr.enable_deep_supervision == (weights is not None)
+    loss = tr._build_loss()
+    if weights is None:
+        assert not hasattr(loss, "weight_factors")
+    else:
+        assert loss.weight_factors == pytest.approx(weights)
+
+
+def test_nnformer_checkpoint_initialises_backbone_and_fused_layers(tmp_path):
+    """nnUNet_textguided_nnformer_weights: an nnFormer checkpoint (authors' key names, 'module.' prefix) loads
+    into the backbone, the report lists what did not load, and the fused layers restart from the loaded layer."""
+    from nnunet_textguided.presets import preset_plans
+    from nnunet_textguided.training.biclip import BiCLIPTrainer
+    plans, name = preset_plans("3d_nnformer_tiny", {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+    plans["continue_training"] = False
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}
+    tr = BiCLIPTrainer(plans, name, 0, dataset_json, device=torch.device("cpu"))
+    tr.network = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, 1, 2, True)
+    torch.manual_seed(1)
+    other = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, 1, 2, True).backbone
+    theirs = {"module." + k.replace("encoder.", "model_down.", 1).replace("decoder.final.", "final.", 1): v
+              for k, v in other.state_dict().items()}
+    theirs["module.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": theirs}, tmp_path / "nnformer.model")
+    report = tr.load_nnformer_weights(str(tmp_path / "nnformer.model"))
+    assert report["unexpected"] == ["module.extra.weight"] and not report["missing"] and not report["shape_mismatch"]
+    for (k, v), w in zip(tr.network.backbone.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(v, w), k
+    last = tr.network.backbone.bottleneck_blocks()[-1].state_dict()
+    assert all(torch.equal(v, last[k]) for k, v in tr.network.attention[0].state_dict().items())
