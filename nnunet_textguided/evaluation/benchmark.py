@@ -243,6 +243,14 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
     # all models side by side, repeats interleaved round-robin, so drift (thermal, caches, other load) hits
     # every model alike
     names, train_fns, predict_fns, extraction = [], [], [], {}
+    usable = []
+    for trainer in trainers:
+        try:
+            trainer.check_configuration(cm0, preset)
+            usable.append(trainer)
+        except ValueError:
+            lines.insert(2, f"(skipped {trainer.__name__}: it does not train the {preset} configuration)")
+    trainers = usable
     for trainer in [None] + list(trainers):
         torch.manual_seed(0)
         net, pm, cm, lm = build(trainer, setup)
@@ -258,7 +266,7 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
     del train_fns, predict_fns
     # memory last: on CPU it changes the allocator's behaviour (see _return_freed_memory_to_os), which must not
     # touch the timings
-    for trainer in [None] + list(trainers):
+    for trainer in [None] + trainers:
         torch.manual_seed(0)
         net, pm, cm, lm = build(trainer, setup)
         step = train_step_fn(net, _input(net, setup, cm, batch), lm.num_segmentation_heads)

@@ -120,6 +120,7 @@ def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: d
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
+    trainer.check_configuration(cm, configuration)
     settings = trainer.settings_for(pm, cm, encoders)
     structures = {spec: encoder_structure(spec) for spec in settings.get("encoders", {})}
     for spec, st in structures.items():

@@ -85,6 +85,7 @@ class TextGuidedTrainer(nnUNetTrainer):
             self.num_iterations_per_epoch = self.short_iterations_per_epoch
         if self.short_val_iterations_per_epoch is not None:
             self.num_val_iterations_per_epoch = self.short_val_iterations_per_epoch
+        self.check_configuration(self.configuration_manager, configuration)
         settings = self.settings_for(self.plans_manager, self.configuration_manager)
         # the same dict in both places: the plans (saved as the run's plans.json and, through my_init_kwargs,
         # inside every checkpoint) and the resolved configuration the network is built from
@@ -99,6 +100,10 @@ class TextGuidedTrainer(nnUNetTrainer):
     paper_figures: dict[str, float] = {}
     #: the configuration preset of tests and the demo
     tiny_preset: str = "3d_tiny"
+
+    @classmethod
+    def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
+        """Raise ValueError (naming the configurations to use) if this trainer cannot train the configuration."""
 
     @classmethod
     def settings_for(cls, plans_manager, configuration_manager, encoders: dict[str, str] | None = None) -> dict:

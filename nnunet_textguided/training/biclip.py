@@ -149,12 +149,11 @@ class nnFormerTrainer(BiCLIPTrainer_Net1):
     """nnFormer alone (BiCLIP's Net1) on an nnFormer configuration, with the schedule BiCLIP used."""
     tiny_preset = "3d_nnformer_tiny"
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if not self.uses_nnformer:
-            raise ValueError(f"{type(self).__name__} trains nnFormer, but configuration '{configuration}' builds "
-                             f"{self.configuration_manager.network_arch_class_name}. Add an nnFormer configuration "
+    @classmethod
+    def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
+        if configuration_manager.network_arch_class_name != NNFORMER_CLASS:
+            raise ValueError(f"{cls.__name__} trains nnFormer, but configuration '{configuration}' builds "
+                             f"{configuration_manager.network_arch_class_name}. Add an nnFormer configuration "
                              "(nnunet-textguided add-config -d DATASET 3d_nnformer_synapse | 3d_nnformer_acdc | "
                              "3d_nnformer_tiny) and train that one.")
 
