@@ -76,3 +76,21 @@ def test_net1_is_nnformer_alone():
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(net(x)[0], net.backbone(x)[0])
+
+
+def test_paper_mode_on_nnformer_reads_tables_through_positional_channels():
+    """Offline (paper) mode on nnFormer: the tables of whole slices replace the online encoders; a patch that
+    is a whole volume gets exactly the online embeddings, so both modes give the same output."""
+    import numpy as np
+
+    from nnunet_textguided.data.position_channels import append_position_channels
+    from nnunet_textguided.training.biclip import BiCLIPTrainer_offline
+    offline, cm = tiny_network(BiCLIPTrainer_offline)
+    online, _ = tiny_network(BiCLIPTrainer)
+    online.load_state_dict(offline.state_dict())
+    volume = torch.randn(1, *cm.patch_size)
+    offline.conditioner.set_tables({0: offline.conditioner.compute_tables(volume)})
+    x = torch.from_numpy(np.asarray(append_position_channels(volume.numpy(), 0)))[None]
+    offline.eval(), online.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(offline(x)[0], online(volume[None])[0], atol=1e-4, rtol=1e-4)
