@@ -239,7 +239,8 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
     lines = [f"Machine: {machine_description(setup.device)}",
              f"Preset {preset}: patch {'x'.join(map(str, cm0.patch_size))}, batch {batch}; one phantom case "
              f"{'x'.join(map(str, setup.volume.shape[1:]))}; medians of {repeats} (train) / {predict_repeats} "
-             "(predict) runs", ""]
+             "(predict) runs; nnUNetTrainer = nnU-Net's plain network of these plans "
+             f"({cm0.network_arch_class_name.rsplit('.', 1)[-1]}), no conditioning", ""]
     # all models side by side, repeats interleaved round-robin, so drift (thermal, caches, other load) hits
     # every model alike
     names, train_fns, predict_fns, extraction = [], [], [], {}

@@ -79,6 +79,8 @@ class TextGuidedTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if (self.short_epochs or self.default_epochs) is not None:
             self.num_epochs = self.short_epochs or self.default_epochs
+        if self.short_epochs is None and os.environ.get("nnUNet_textguided_epochs"):
+            self.num_epochs = int(os.environ["nnUNet_textguided_epochs"])  # e.g. the paper's schedule elsewhere
         # a configuration may switch deep supervision off (nnFormer's ACDC setting)
         self.enable_deep_supervision = bool(self.configuration_manager.configuration.get("deep_supervision", True))
         if self.short_iterations_per_epoch is not None:

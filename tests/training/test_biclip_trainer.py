@@ -88,7 +88,7 @@ def test_paper_mode_network_reads_the_store(trainer):
 
 
 @pytest.mark.parametrize("preset, weights", [("3d_nnformer_tiny", (4 / 7, 2 / 7, 1 / 7)), ("3d_nnformer_acdc", None)])
-def test_nnformer_schedule_and_deep_supervision(preset, weights):
+def test_nnformer_schedule_and_deep_supervision(preset, weights, monkeypatch):
     """BiCLIP's schedule on nnFormer: 500 epochs, nnFormer's output weights 1:1/2:1/4 (nnU-Net would drop the
     coarsest), no deep supervision where nnFormer has none (ACDC)."""
     from nnunet_textguided.presets import preset_plans
@@ -98,6 +98,9 @@ def test_nnformer_schedule_and_deep_supervision(preset, weights):
     plans["continue_training"] = False  # set by nnUNetv2_train's run_training
     tr = nnFormerTrainer(plans, name, 0, dataset_json, device=torch.device("cpu"))
     assert tr.num_epochs == 500
+    monkeypatch.setenv("nnUNet_textguided_epochs", "120")
+    plans["continue_training"] = False  # nnU-Net's trainer consumes the flag
+    assert nnFormerTrainer(plans, name, 0, dataset_json, device=torch.device("cpu")).num_epochs == 120
     assert tr.enable_deep_supervision == (weights is not None)
     loss = tr._build_loss()
     if weights is None:
