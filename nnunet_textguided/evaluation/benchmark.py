@@ -7,7 +7,7 @@ trainer (each base trainer of each method; variants that only rename are skipped
   the preset's patch size, vs **the same backbone without conditioning** (nnU-Net's plain network from the
   same plans), median of ``repeats``;
 - **predict s/case**: nnU-Net's predictor on one raw case (preprocessing, sliding window, mirroring along the
-  trainer's inference axes, export to the original grid) — ``nnUNetPredictor`` as used by stock
+  first axis for every model alike (the tiny trainers' axes), export to the original grid) — ``nnUNetPredictor`` as used by stock
   ``nnUNetv2_predict``, or the note-aware ``TextGuidedPredictor`` for models that need the whole case — vs the
   plain ``nnUNetTrainer`` network of the same plans, median of ``predict_repeats``;
 - **extraction slices/s**: filling the embedding store (render + encoder, per stream) vs the raw batched
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..training.base import TextGuidedTrainer
 
 
 def _sync(device: torch.device) -> None:
@@ -184,6 +183,7 @@ def _input(net, setup: Setup, cm, batch: int) -> torch.Tensor:
 
 def train_step_fn(net: nn.Module, x: torch.Tensor, num_classes: int):
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    deep_supervision = net.decoder.deep_supervision  # as built for training (the predictor switches it off)
     net.train()
     with torch.no_grad():
         outs = net(x)
@@ -191,6 +191,8 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, num_classes: int):
     targets = [torch.randint(0, num_classes, (o.shape[0], *o.shape[2:]), device=x.device) for o in outs]
 
     def step():
+        net.train()
+        net.decoder.deep_supervision = deep_supervision
         opt.zero_grad(set_to_none=True)
         out = net(x)
         out = out if isinstance(out, (list, tuple)) else [out]
@@ -207,18 +209,21 @@ def predict_fn(trainer: type | None, net: nn.Module, pm, cm, setup: Setup, mirro
     pred = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=bool(mirror_axes), device=setup.device,
                perform_everything_on_device=setup.device.type == "cuda", verbose=False, verbose_preprocessing=False,
                allow_tqdm=False)
-    net.eval()
-    net.decoder.deep_supervision = False
     pred.manual_initialization(net, pm, cm, [net.state_dict()], setup.dataset_json, (trainer or object).__name__,
                                tuple(mirror_axes))
-    return lambda: pred.predict_single_npy_array(setup.volume, setup.properties)
+
+    def predict():
+        net.eval()  # training steps of the same network run in between (round-robin)
+        net.decoder.deep_supervision = False
+        pred.predict_single_npy_array(setup.volume, setup.properties)
+    return predict
 
 
 def extraction_rows(trainer: type, net, setup: Setup, repeats: int) -> list[tuple[str, float, float]]:
     """[(stream, store-path slices/s, raw encoder slices/s)] for the trainer's per-slice streams."""
     from ..conditioning.slices import render_slices, slice_table
-    streams = getattr(getattr(net, "conditioner", None), "streams", [])
-    window = tuple(trainer.settings_for(*setup.managers())["window"]) if streams else None
+    cond = getattr(net, "conditioner", None)
+    streams, window = getattr(cond, "streams", []), getattr(cond, "window", None)
     rows = []
     n = setup.volume.shape[1] + 1
     for s in streams:
@@ -299,9 +304,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, help="batch size (default: the preset's)")
     a = p.parse_args(argv)
     from .params import trainer_class
-    trainers = [trainer_class(t) for t in a.trainers] if a.trainers else default_trainers()
-    bad = [t.__name__ for t in trainers if not issubclass(t, TextGuidedTrainer)]
-    if bad:
-        p.error(f"not text-guided trainers: {bad}")
+    try:
+        trainers = [trainer_class(t) for t in a.trainers] if a.trainers else default_trainers()
+    except KeyError as e:
+        p.error(str(e))
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
     print(run(trainers, a.preset, a.device, a.repeats, a.predict_repeats, a.batch))
     return 0

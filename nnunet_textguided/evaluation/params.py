@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         report = count(trainer_class(a.trainer), a.config, a.d, a.c, a.p, a.preset)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: nnU-Net's unset paths/unknown id
         print(f"nnunet-textguided params: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report.as_dict(), indent=2) if a.json else format_report(report))

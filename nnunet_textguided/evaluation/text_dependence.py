@@ -8,9 +8,11 @@ model, the mean foreground Dice with the true notes and with shuffled notes, plu
 dataset has ``labelsTs_allobjects/``: *segment every object* (what vision alone can aim for, ~2/(K+1)) and a
 perfect referring model (1.0 with true notes).
 
-Predictions go through ``nnUNetv2_predict_textguided`` (nnU-Net's predict plus the sidecar notes), so the only
-difference between the two runs is the ``<CASE>.txt`` beside each image. Shuffling gives every case another
-case's note (a derangement); on the referring dataset additionally one naming a different position.
+Predictions go through ``nnUNetv2_predict_textguided`` (nnU-Net's predict; note-guided trainers read the
+sidecar notes through it), so the only difference between the two runs is the ``<CASE>.txt`` beside each
+image. Models that do not read notes (nnU-Net's trainers, BiCLIP) must give identical predictions: that is the
+vision-only baseline. Shuffling gives every case another case's note (a derangement); on referring notes
+(every note names a position) each case gets one naming a different position.
 """
 from __future__ import annotations
 
@@ -40,11 +42,13 @@ def read_notes(images_folder: Path, cases: list[str]) -> dict[str, str]:
 
 def shuffle_notes(notes: dict[str, str], seed: int = 0) -> dict[str, str]:
     """Every case gets another case's note: naming a different position on referring notes, else any other."""
-    from ..data.referring import shuffled_notes
+    from ..data.referring import parse_cell, shuffled_notes
     try:
-        return shuffled_notes(notes, seed)
-    except ValueError:
+        [parse_cell(n) for n in notes.values()]
+    except ValueError:  # not referring notes: any other case's note
         pass
+    else:
+        return shuffled_notes(notes, seed)  # raises if no position-changing shuffle exists
     if len(notes) < 2:
         raise ValueError(f"need at least 2 cases to shuffle notes, got {len(notes)}")
     order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(notes))]
@@ -97,11 +101,15 @@ def run(dataset: str, configuration: str, trainers: list[str], output: Path, fol
     cases = image_cases(images, ending)
     notes = read_notes(images, sorted(cases))
     variants = {"true": notes, "shuffled": shuffle_notes(notes, seed)}
+    if output.is_dir() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty: choose a new -o folder (old inputs and predictions would mix "
+                              "with this run's)")
     inputs = {v: write_input_folder(output / f"input_{v}_notes", cases, n) for v, n in variants.items()}
 
-    def dice(pred_folder: Path) -> float:
+    def dice(pred_folder: Path, summary_file: Path) -> float:
         summary = compute_metrics_on_folder2_extended(str(references), str(pred_folder), str(dataset_json),
-                                                      str(plans_file), num_processes=1, chill=False)
+                                                      str(plans_file), str(summary_file), num_processes=1,
+                                                      chill=False)
         return float(summary["foreground_mean"]["Dice"])
 
     rows = {}
@@ -110,10 +118,10 @@ def run(dataset: str, configuration: str, trainers: list[str], output: Path, fol
         for v, folder in inputs.items():
             pred = output / tr / f"{v}_notes"
             predict(folder, pred, dataset, configuration, tr, fold, plans, device, checkpoint)
-            rows[tr][v] = dice(pred)
+            rows[tr][v] = dice(pred, pred / "summary.json")
     all_objects = references.parent / f"{references.name}_allobjects"
     if all_objects.is_dir():
-        every = dice(all_objects)
+        every = dice(all_objects, output / "all_objects_summary.json")  # never write into the raw data
         rows["segment every object (vision-only reference)"] = {"true": every, "shuffled": every}
         # shuffled referring notes always name another position: a perfect referring model outlines another
         # object (or nothing) on every case
@@ -128,9 +136,7 @@ def format_table(result: dict) -> str:
     lines = [f"{result['dataset']} ({result['configuration']}, fold {result['fold']}, {result['cases']} cases): "
              "mean foreground Dice", "", "| model | true notes | shuffled notes | drop |", "|---|---:|---:|---:|"]
     for name, d in result["dice"].items():
-        shuffled = "—" if d["shuffled"] is None else f"{d['shuffled']:.3f}"
-        drop = "—" if d["shuffled"] is None else f"{d['true'] - d['shuffled']:+.3f}"
-        lines.append(f"| {name} | {d['true']:.3f} | {shuffled} | {drop} |")
+        lines.append(f"| {name} | {d['true']:.3f} | {d['shuffled']:.3f} | {d['true'] - d['shuffled']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
     out = Path(a.o)
     try:
         result = run(a.d, a.c, a.tr, out, a.f, a.p, a.i and Path(a.i), a.r and Path(a.r), a.seed, a.device, a.chk)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"nnunet-textguided text-dependence: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))

@@ -37,7 +37,7 @@ class BiCLIPNetwork(ConditionedNetwork):
     def __init__(self, backbone: nn.Module, streams: dict[str, int], num_slices: int,
                  bottleneck_grid: tuple[int, int, int], bottleneck_channels: int, num_heads: int | None = None,
                  adapter_hidden: int | None = None, num_attention_blocks: int = 2, drop_path: float = 0.0,
-                 attention_init: str = "bottleneck", fusion_hidden: int | None = None, combine: str = "sum"):
+                 attention_init: str = "fresh", fusion_hidden: int | None = None, combine: str = "sum"):
         super().__init__()
         self.backbone = backbone
         self.stream_names = tuple(streams)
@@ -54,7 +54,10 @@ class BiCLIPNetwork(ConditionedNetwork):
             self.fuse = nn.Sequential(nn.Linear(2 * c, hidden), nn.GELU(), nn.Linear(hidden, c))
             if attention_init not in ("bottleneck", "fresh"):
                 raise ValueError(f"attention_init must be 'bottleneck' or 'fresh', got {attention_init!r}")
-            if attention_init == "bottleneck" and hasattr(backbone, "bottleneck_blocks"):
+            if attention_init == "bottleneck":
+                if not hasattr(backbone, "bottleneck_blocks"):
+                    raise ValueError(f"attention_init='bottleneck' copies the backbone's last bottleneck attention "
+                                     f"layer, but {type(backbone).__name__} has none; use attention_init='fresh'")
                 last = backbone.bottleneck_blocks()[-1]
                 self.attention = nn.ModuleList(copy.deepcopy(last) for _ in range(num_attention_blocks))
             else:

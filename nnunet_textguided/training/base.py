@@ -77,10 +77,8 @@ class TextGuidedTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if (self.short_epochs or self.default_epochs) is not None:
-            self.num_epochs = self.short_epochs or self.default_epochs
-        if self.short_epochs is None and os.environ.get("nnUNet_textguided_epochs"):
-            self.num_epochs = int(os.environ["nnUNet_textguided_epochs"])  # e.g. the paper's schedule elsewhere
+        self.num_epochs = (self.short_epochs or int(self.setting("nnUNet_textguided_epochs", "0"))
+                           or self.default_epochs or self.num_epochs)
         # a configuration may switch deep supervision off (nnFormer's ACDC setting)
         self.enable_deep_supervision = bool(self.configuration_manager.configuration.get("deep_supervision", True))
         if self.short_iterations_per_epoch is not None:
@@ -132,6 +130,11 @@ class TextGuidedTrainer(nnUNetTrainer):
         check_and_record_encoders(settings)
         builder = NETWORK_BUILDERS[settings["method"]]
         return builder(settings, backbone, plans_manager, configuration_manager, num_input_channels)
+
+    def bare_network(self) -> torch.nn.Module:
+        """The network without torch.compile / DDP wrappers."""
+        net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        return net.module if hasattr(net, "module") else net
 
     @property
     def textguided(self) -> dict:

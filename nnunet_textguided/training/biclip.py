@@ -37,8 +37,7 @@ NNFORMER_CLASS = "nnunet_textguided.networks.nnformer.NnFormer"
 #: - fusion MLP 2C -> C -> C (fusion_hidden None = C); LayerNorm after the adapters' Conv1d (SliceEmbeddingAdapter);
 #: - slices rendered with a fixed window (``window``) and resized by each encoder to its own input size;
 #:   CoCa generation settings are part of the caption encoder's spec (``?generation=greedy&seq_len=...``).
-PAPER_OPEN_CHOICES = {"num_attention_blocks": 2, "attention_init": "bottleneck", "combine": "sum",
-                      "fusion_hidden": None}
+PAPER_OPEN_CHOICES = {"num_attention_blocks": 2, "combine": "sum", "fusion_hidden": None}
 
 
 def bottleneck_geometry(configuration_manager) -> tuple[tuple[int, int, int], int]:
@@ -68,7 +67,7 @@ def build_biclip_network(settings, backbone, plans_manager, configuration_manage
     dims = {s.name: settings["encoders"][s.encoder]["embed_dim"] for s in streams}
     net = BiCLIPNetwork(backbone, dims, num_slices=patch[0], bottleneck_grid=grid, bottleneck_channels=channels,
                         num_attention_blocks=settings.get("num_attention_blocks", 2),
-                        attention_init=settings.get("attention_init", "bottleneck"),
+                        attention_init=settings.get("attention_init", "fresh"),
                         fusion_hidden=settings.get("fusion_hidden"), combine=settings.get("combine", "sum"))
     window = tuple(settings["window"])
     if settings["mode"] == "offline":
@@ -101,7 +100,10 @@ class BiCLIPTrainer(TextGuidedTrainer):
         return {"method": "biclip", "mode": cls.mode, "streams": streams,
                 "encoders": {s["encoder"]: {} for s in streams},
                 "window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration)),
-                **PAPER_OPEN_CHOICES}
+                **PAPER_OPEN_CHOICES,
+                # the paper's initialisation needs attention layers in the backbone's bottleneck (nnFormer)
+                "attention_init": ("bottleneck" if configuration_manager.network_arch_class_name == NNFORMER_CLASS
+                                   else "fresh")}
 
 
     # -- nnFormer backbone conventions --------------------------------------------------------------------
@@ -131,7 +133,7 @@ class BiCLIPTrainer(TextGuidedTrainer):
         ``nnUNet_textguided_nnformer_weights``); the fused attention layers then start from the loaded last
         bottleneck layer. Everything not loaded is reported in the log."""
         from ..networks.nnformer import load_nnformer_checkpoint
-        net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        net = self.bare_network()
         report = load_nnformer_checkpoint(net.backbone, path, weights_only=False)
         net.reset_attention_from_bottleneck()
         self.print_to_log_file(
@@ -222,8 +224,7 @@ class BiCLIPTrainer_offline(BiCLIPTrainer):
         self._conditioner().set_tables(tables)
 
     def _conditioner(self) -> TableSliceConditioner:
-        net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
-        return (net.module if hasattr(net, "module") else net).conditioner
+        return self.bare_network().conditioner
 
     # -- nnU-Net hooks ------------------------------------------------------------------------------------
     def initialize(self):
