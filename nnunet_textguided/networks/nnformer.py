@@ -43,11 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import DropPath
+# the window machinery lives in blocks/windows.py (CDPDNet's fusion reuses it); relative_position_index is
+# re-exported here with nnFormer's default index
+from .blocks.windows import (WindowAttention, WindowedBlock, relative_position_index,
+                             tokens_to_volume as _tokens_to_volume, volume_to_tokens as _volume_to_tokens)
 
-__all__ = ["NnFormer", "load_nnformer_checkpoint"]
-
-MLP_RATIO = 4
+__all__ = ["NnFormer", "load_nnformer_checkpoint", "relative_position_index"]
 
 
 def _triple(value) -> tuple[int, int, int]:
@@ -57,173 +58,7 @@ def _triple(value) -> tuple[int, int, int]:
     return t
 
 
-def _volume_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, D*H*W, C), tokens in (d, h, w) raster order."""
-    return x.flatten(2).transpose(1, 2)
-
-
-def _tokens_to_volume(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """(B, D*H*W, C) -> (B, C, D, H, W)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear, hidden width 4x (the authors' attribute names fc1/fc2)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, dim * MLP_RATIO)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim * MLP_RATIO, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def relative_position_index(window: tuple[int, int, int]) -> torch.Tensor:
-    """(N, N) index into the bias table, N = wd*wh*ww, exactly as nnFormer computes it.
-
-    Offsets are shifted to start at 0 and flattened as dd*(3*wh-1) + dh*(2*wh-1) + dw. Unlike Swin's
-    mixed radix this is not injective: for window 4 the 343 offsets use only 115 table entries, and e.g.
-    offsets (0,0,0) and (1,-2,3) share one learned bias. Kept because the authors' weights were trained so.
-    """
-    wd, wh, ww = window
-    coords = torch.stack(torch.meshgrid(torch.arange(wd), torch.arange(wh), torch.arange(ww), indexing="ij"))
-    coords = coords.flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    rel = rel + torch.tensor([wd - 1, wh - 1, ww - 1])
-    return rel[..., 0] * (3 * wh - 1) + rel[..., 1] * (2 * wh - 1) + rel[..., 2]
-
-
-class WindowAttention(nn.Module):
-    """Multi-head attention among the N = wd*wh*ww tokens of each window, with a learned relative bias.
-
-    Self-attention (``qkv``) or, with ``skip_query=True``, nnFormer's skip attention: keys and values are
-    projected from the input (``kv``), the queries are an external tensor used without projection.
-    """
-
-    def __init__(self, dim: int, window: tuple[int, int, int], num_heads: int, skip_query: bool = False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        if skip_query:
-            self.kv = nn.Linear(dim, 2 * dim)
-        else:
-            self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        wd, wh, ww = window
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1),
-                                                                     num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        # persistent: the authors' checkpoints carry it, so it is loaded (and shape-checked) with them
-        self.register_buffer("relative_position_index", relative_position_index(window))
-
-    def relative_bias(self) -> torch.Tensor:
-        """-> (heads, N, N) additive attention bias."""
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.reshape(n, n, self.num_heads).permute(2, 0, 1)
-
-    def forward(self, x: torch.Tensor, query: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B*nW, N, C) window tokens; query (B*nW, N, C) for skip attention; mask (nW, N, N) additive
-        (0 / -100, shifted windows) or None -> (B*nW, N, C)."""
-        bw, n, c = x.shape
-        heads, hd = self.num_heads, c // self.num_heads
-        if query is None:
-            q, k, v = self.qkv(x).reshape(bw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        else:
-            k, v = self.kv(x).reshape(bw, n, 2, heads, hd).permute(2, 0, 3, 1, 4)
-            q = query.reshape(bw, n, heads, hd).transpose(1, 2)
-        bias = self.relative_bias()
-        if mask is None:
-            attn_mask = bias[None]
-        else:
-            # windows are batch-major (b, window): split them so each window gets its own mask
-            nw = mask.shape[0]
-            q, k, v = (t.reshape(bw // nw, nw, heads, n, hd) for t in (q, k, v))
-            attn_mask = bias[None] + mask[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))
-        return self.proj(out.reshape(bw, heads, n, hd).transpose(1, 2).reshape(bw, n, c))
-
-
-def _window_and_shift(grid, window, shifted: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Clamp the window to the grid per axis; shift by window // 2 only along axes the window does not cover."""
-    win = tuple(min(w, g) for w, g in zip(window, grid))
-    shift = tuple(w // 2 if shifted and w < g else 0 for w, g in zip(win, grid))
-    return win, shift
-
-
-def _shift_mask(grid, window, shift) -> torch.Tensor:
-    """(nW, N, N) additive mask (-100 between tokens that only share a window because of the cyclic shift).
-
-    Each padded axis is cut into [0, P-w), [P-w, P-s), [P-s, P) as in Swin; tokens of a window may attend to
-    each other only if they come from the same piece along every axis.
-    """
-    labels = torch.zeros((), dtype=torch.long)
-    for g, w, s in zip(grid, window, shift):
-        p = -(-g // w) * w
-        pos = torch.arange(p)
-        piece = (pos >= p - w).long() + (pos >= p - s).long() if s else torch.zeros_like(pos)
-        labels = labels[..., None] * 3 + piece
-    windows = _partition(labels[None, ..., None].float(), window, (0, 0, 0))[..., 0]  # (nW, N)
-    diff = windows[:, None, :] - windows[:, :, None]
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
-
-
-def _partition(x: torch.Tensor, window, shift) -> torch.Tensor:
-    """(B, D, H, W, C) -> zero-pad to window multiples -> cyclic shift by -shift -> (B*nW, wd*wh*ww, C)."""
-    b, d, h, w, c = x.shape
-    pd, ph, pw = ((-n) % k for n, k in zip((d, h, w), window))
-    x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pd))
-    if any(shift):
-        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-    (wd, wh, ww), (dp, hp, wp) = window, x.shape[1:4]
-    x = x.reshape(b, dp // wd, wd, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(-1, wd * wh * ww, c)
-
-
-def _merge(windows: torch.Tensor, window, shift, grid, batch: int) -> torch.Tensor:
-    """Inverse of ``_partition``: (B*nW, N, C) -> (B, D, H, W, C)."""
-    (wd, wh, ww), c = window, windows.shape[-1]
-    dp, hp, wp = (-(-n // k) * k for n, k in zip(grid, window))
-    x = windows.reshape(batch, dp // wd, hp // wh, wp // ww, wd, wh, ww, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
-    x = x.reshape(batch, dp, hp, wp, c)
-    if any(shift):
-        x = torch.roll(x, shifts=tuple(shift), dims=(1, 2, 3))
-    d, h, w = grid
-    return x[:, :d, :h, :w]
-
-
-class _WindowedBlock(nn.Module):
-    """Shared window bookkeeping of the two block kinds; subclasses define forward."""
-
-    def __init__(self, dim: int, grid, num_heads: int, window, shifted: bool, drop_path: float,
-                 shifted_window_mask: bool, skip_query: bool):
-        super().__init__()
-        self.grid = tuple(grid)
-        self.window, self.shift = _window_and_shift(self.grid, window, shifted)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, self.window, num_heads, skip_query=skip_query)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim)
-        mask = _shift_mask(self.grid, self.window, self.shift) if any(self.shift) and shifted_window_mask else None
-        self.register_buffer("attn_mask", mask, persistent=False)
-
-    def _attend(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised tokens (B, N, C) [+ normalised queries] -> windowed attention output (B, N, C)."""
-        b, n, c = x.shape
-
-        def to_windows(t):
-            return _partition(t.reshape(b, *self.grid, c), self.window, self.shift)
-
-        out = self.attn(to_windows(x), None if query is None else to_windows(query), self.attn_mask)
-        return _merge(out, self.window, self.shift, self.grid, b).reshape(b, n, c)
-
-
-class SwinBlock(_WindowedBlock):
+class SwinBlock(WindowedBlock):
     """nnFormer's (shifted-)window self-attention block: (B, N, C) -> (B, N, C), N = D*H*W of ``grid``.
 
     Pre-LayerNorm -> window attention -> DropPath residual; LayerNorm -> MLP 4x -> DropPath residual.
@@ -233,14 +68,14 @@ class SwinBlock(_WindowedBlock):
 
     def __init__(self, dim: int, grid, num_heads: int, window, shifted: bool = False, drop_path: float = 0.0,
                  shifted_window_mask: bool = True):
-        super().__init__(dim, grid, num_heads, window, shifted, drop_path, shifted_window_mask, skip_query=False)
+        super().__init__(dim, grid, num_heads, window, shifted, drop_path, shifted_window_mask, mode="self")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self._attend(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class SkipAttentionBlock(_WindowedBlock):
+class SkipAttentionBlock(WindowedBlock):
     """nnFormer's skip attention (first block of each decoder stage), unshifted windows.
 
     (x_up, skip) both (B, N, C) -> (B, N, C): the residual stream is x_up + skip; attention takes keys and
@@ -248,7 +83,7 @@ class SkipAttentionBlock(_WindowedBlock):
     """
 
     def __init__(self, dim: int, grid, num_heads: int, window, drop_path: float = 0.0):
-        super().__init__(dim, grid, num_heads, window, False, drop_path, False, skip_query=True)
+        super().__init__(dim, grid, num_heads, window, False, drop_path, False, mode="skip")
 
     def forward(self, x_up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = x_up + skip + self.drop_path(self._attend(self.norm1(skip), self.norm1(x_up)))

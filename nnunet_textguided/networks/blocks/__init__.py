@@ -1,5 +1,8 @@
 """Building blocks shared by the method networks (torch only)."""
 from .adapters import SliceEmbeddingAdapter
 from .attention import DropPath, GlobalSelfAttentionBlock, RelativePositionBias3d
+from .film import TextFiLM
+from .windows import CrossWindowBlock, Mlp, WindowAttention, WindowedBlock
 
-__all__ = ["SliceEmbeddingAdapter", "DropPath", "GlobalSelfAttentionBlock", "RelativePositionBias3d"]
+__all__ = ["SliceEmbeddingAdapter", "DropPath", "GlobalSelfAttentionBlock", "RelativePositionBias3d", "TextFiLM",
+           "CrossWindowBlock", "Mlp", "WindowAttention", "WindowedBlock"]
