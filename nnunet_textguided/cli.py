@@ -13,6 +13,10 @@
               generate the synthetic 2D referring dataset (the note names which object is the target)
   text-dependence
               Dice of trained models with true vs shuffled notes (does the model use the text?)
+  merge       merge partially labelled raw datasets into one universal dataset (unified label vocabulary,
+              one sigmoid channel per label, per-case task metadata) for CDPDNet-style training
+  partial-phantoms
+              generate two partially labelled CT phantom datasets (liver + spleen, right + left kidney)
 """
 from __future__ import annotations
 
@@ -77,6 +81,8 @@ _DELEGATED = {
     "preview": (".evaluation.overlay:main", "PNG panels of a prediction folder"),
     "referring-dataset": (".data.referring:main", "generate the synthetic 2D referring dataset"),
     "text-dependence": (".evaluation.text_dependence:main", "Dice with true vs shuffled notes"),
+    "merge": (".data.merge:main", "merge partially labelled raw datasets into one universal dataset"),
+    "partial-phantoms": (".data.synthetic:partial_phantoms_main", "generate two partially labelled phantom datasets"),
 }
 
 

@@ -41,14 +41,22 @@ overlap (priority kidneys > spleen > liver, with a small gap), stay inside the a
 reach the two lowest and two highest slices, so every volume has organ-free slices.
 
 Public API: :func:`make_ct_phantom_dataset` (writes the dataset folder) and :func:`generate_phantom_case`
-(one case in memory, used by tests and demos).
+(one case in memory, used by tests and demos; ``split_kidneys=True`` labels the kidneys separately).
+
+Partially labelled phantoms (universal training, CDPDNet): :func:`make_partial_phantom_datasets` writes
+several datasets of *different* phantoms that each annotate only some organs (default: Dataset011
+liver + spleen, Dataset012 right + left kidney; every other organ is background), with the full four-organ
+truth of their test cases in ``labelsTs_full/``; ``nnunet-textguided merge -d 11 12 ...`` unites them.
+Command: ``nnunet-textguided partial-phantoms``.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +65,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..io import atomic_path, atomic_write_text, staged_dataset_folder
+from ..io import atomic_path, atomic_write_json, atomic_write_text, staged_dataset_folder
 
 __all__ = [
     "LABELS",
@@ -66,12 +74,23 @@ __all__ = [
     "generate_phantom_case",
     "make_ct_phantom_dataset",
     "case_identifier",
+    "SPLIT_KIDNEY_LABELS",
+    "PARTIAL_PHANTOM_DATASETS",
+    "make_partial_phantom_datasets",
+    "partial_phantom_seed",
 ]
 
 #: nnU-Net label map of the phantom dataset.
 LABELS: dict[str, int] = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3}
 #: Free-text description of every foreground label (written to dataset.json as ``label_descriptions``).
 LABEL_DESCRIPTIONS: dict[str, str] = {"1": "liver", "2": "spleen", "3": "left and right kidneys"}
+#: label map of ``generate_phantom_case(..., split_kidneys=True)`` (and of the partial phantoms' labelsTs_full).
+SPLIT_KIDNEY_LABELS: dict[str, int] = {"background": 0, "liver": 1, "spleen": 2, "right kidney": 3, "left kidney": 4}
+#: the two partially labelled phantom datasets of :func:`make_partial_phantom_datasets`: id -> (name, organs).
+PARTIAL_PHANTOM_DATASETS: dict[int, tuple[str, list[str]]] = {
+    11: ("PhantomLiverSpleen", ["liver", "spleen"]),
+    12: ("PhantomKidneys", ["right kidney", "left kidney"]),
+}
 
 FILE_ENDING = ".nii.gz"
 # Hard limits in normalised z (-1 = inferior edge of the volume, +1 = superior edge) outside which no organ
@@ -183,11 +202,15 @@ def _checked_geometry(shape, spacing) -> tuple[tuple[int, int, int], tuple[float
 
 
 def generate_phantom_case(index: int, seed: int = 0, shape: Sequence[int] = (32, 64, 64),
-                          spacing: Sequence[float] = (2.5, 1.25, 1.25)) -> PhantomCase:
+                          spacing: Sequence[float] = (2.5, 1.25, 1.25), split_kidneys: bool = False) -> PhantomCase:
     """Generate case number ``index`` of the phantom series ``seed`` in memory.
 
     A case depends only on ``(seed, index, shape)``, not on how many other cases are generated, so
     ``phantom_003`` is the same whether a dataset has 5 or 50 training cases.
+
+    ``split_kidneys=True`` labels the two kidneys separately (:data:`SPLIT_KIDNEY_LABELS`: liver 1, spleen 2,
+    right kidney 3, left kidney 4); the image, notes and findings are the same as with the default labels
+    (liver 1, spleen 2, both kidneys 3).
     """
     shape, spacing = _checked_geometry(shape, spacing)
     rng = np.random.default_rng([int(seed), int(index), 0x5EED])
@@ -286,7 +309,11 @@ def generate_phantom_case(index: int, seed: int = 0, shape: Sequence[int] = (32,
     label = np.zeros(shape, np.uint8)
     label[liver_mask] = LABELS["liver"]
     label[spleen_mask] = LABELS["spleen"]
-    label[kidney_mask] = LABELS["kidneys"]
+    if split_kidneys:
+        label[kidney_masks["right"]] = SPLIT_KIDNEY_LABELS["right kidney"]
+        label[kidney_masks["left"]] = SPLIT_KIDNEY_LABELS["left kidney"]
+    else:
+        label[kidney_mask] = LABELS["kidneys"]
 
     # ---- intensities ----------------------------------------------------------------------------------------
     hu = {
@@ -412,7 +439,9 @@ def _atomic_write_image(path: Path, arr: np.ndarray, spacing_zyx: Sequence[float
         sitk.WriteImage(img, tmp, useCompression=True)
 
 
-def _write_dataset_json(folder: Path, num_training: int, dataset_name: str, seed: int, shape, spacing) -> None:
+def _write_dataset_json(folder: Path, num_training: int, dataset_name: str, seed: int, shape, spacing,
+                        labels: dict | None = None, label_descriptions: dict | None = None, extra_description: str = "",
+                        converted_by: str = "nnunet_textguided.data.synthetic.make_ct_phantom_dataset") -> None:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     tmpdir = Path(tempfile.mkdtemp(dir=folder, prefix=".dataset_json."))
@@ -420,17 +449,17 @@ def _write_dataset_json(folder: Path, num_training: int, dataset_name: str, seed
         generate_dataset_json(
             str(tmpdir),
             channel_names={0: "CT"},
-            labels=dict(LABELS),
+            labels=dict(LABELS if labels is None else labels),
             num_training_cases=num_training,
             file_ending=FILE_ENDING,
             dataset_name=dataset_name,
             description=("Synthetic contrast-enhanced abdominal CT phantoms (nnunet_textguided.data.synthetic, "
                          f"seed={seed}, shape={list(shape)}, spacing={list(spacing)}). Per-case clinical notes "
                          "in imagesTr|imagesTs/<CASE>.txt, auxiliary notes in <CASE>.aux.txt. Orientation: "
-                         "identity direction (LPS), patient's right on the image left."),
+                         "identity direction (LPS), patient's right on the image left." + extra_description),
             license="CC0 (synthetic data)",
-            converted_by="nnunet_textguided.data.synthetic.make_ct_phantom_dataset",
-            label_descriptions=dict(LABEL_DESCRIPTIONS),
+            converted_by=converted_by,
+            label_descriptions=dict(LABEL_DESCRIPTIONS if label_descriptions is None else label_descriptions),
         )
         os.replace(tmpdir / "dataset.json", folder / "dataset.json")
     finally:
@@ -485,3 +514,151 @@ def make_ct_phantom_dataset(raw_root, dataset_id: int = 990, name: str = "TextGu
             _atomic_write_text(img_dir / f"{case.case_id}.aux.txt", case.aux_note)
         _write_dataset_json(staging, n_train, dataset_name, seed, shape, spacing)
     return raw_root / dataset_name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# partially labelled datasets (universal training)
+# ----------------------------------------------------------------------------------------------------------
+def partial_phantom_seed(seed: int, position: int) -> int:
+    """Phantom series seed of the ``position``-th (0-based) dataset of :func:`make_partial_phantom_datasets`.
+
+    Every dataset gets its own phantoms (a real multi-dataset collection has different patients per dataset),
+    derived deterministically from the user's ``seed`` and the dataset's position.
+    """
+    return int(np.random.SeedSequence([int(seed), int(position), 0x9A27]).generate_state(1)[0])
+
+
+def _check_partial_datasets(datasets) -> dict[int, tuple[str, list[str]]]:
+    datasets = dict(PARTIAL_PHANTOM_DATASETS if datasets is None else datasets)
+    if not datasets:
+        raise ValueError("datasets is empty")
+    organs_known = [k for k in SPLIT_KIDNEY_LABELS if k != "background"]
+    out = {}
+    for dataset_id, spec in datasets.items():
+        dataset_id = int(dataset_id)
+        if not 1 <= dataset_id <= 999:
+            raise ValueError(f"dataset ids must be in 1..999, got {dataset_id}")
+        try:
+            name, organs = spec
+        except (TypeError, ValueError):
+            raise ValueError(f"datasets[{dataset_id}] must be (name, [organs]), got {spec!r}") from None
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name or ""):
+            raise ValueError(f"name must be letters, digits, '_' or '-' (no spaces or slashes), got {name!r}")
+        organs = list(organs)
+        if not organs or len(set(organs)) != len(organs) or not set(organs) <= set(organs_known):
+            raise ValueError(f"datasets[{dataset_id}]: organs must be distinct names among {organs_known}, "
+                             f"got {organs}")
+        out[dataset_id] = (name, organs)
+    return out
+
+
+def make_partial_phantom_datasets(raw_root, datasets: dict[int, tuple[str, Sequence[str]]] | None = None,
+                                  n_train: int = 6, n_test: int = 2, shape: Sequence[int] = (32, 64, 64),
+                                  spacing: Sequence[float] = (2.5, 1.25, 1.25), seed: int = 0,
+                                  overwrite: bool = False) -> list[Path]:
+    """Write partially labelled phantom datasets (one per entry of ``datasets``) and return their paths.
+
+    ``datasets`` maps a dataset id to ``(name, organs)``, organs among "liver", "spleen", "right kidney",
+    "left kidney"; default :data:`PARTIAL_PHANTOM_DATASETS` (11: liver + spleen, 12: right + left kidney).
+    Each is a normal nnU-Net raw dataset laid out like :func:`make_ct_phantom_dataset` (notes and auxiliary
+    notes included) whose labels are only its organs, codes 1.. in the listed order, named by the organ
+    (``label_descriptions`` likewise); every other organ is background. The phantoms differ between datasets
+    (series seed :func:`partial_phantom_seed` ``(seed, position)``); case ids are ``phantom_000``... in every
+    dataset. Beside imagesTs/labelsTs (the dataset's own labels), ``labelsTs_full/`` holds the full four-organ
+    truth of the test cases (``generate_phantom_case(i, partial_phantom_seed(seed, position),
+    split_kidneys=True).label``) and ``labelsTs_full.json`` its label map (:data:`SPLIT_KIDNEY_LABELS`), to
+    evaluate organs a dataset never annotates. Every target is checked before anything is written; an
+    existing dataset is only replaced with ``overwrite=True``.
+    """
+    datasets = _check_partial_datasets(datasets)
+    n_train, n_test = int(n_train), int(n_test)
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"need n_train >= 1 and n_test >= 0, got n_train={n_train}, n_test={n_test}")
+    shape, spacing = _checked_geometry(shape, spacing)
+    raw_root = Path(raw_root).expanduser().resolve()
+    names = {i: f"Dataset{i:03d}_{name}" for i, (name, _) in datasets.items()}
+    for dataset_id, dataset_name in names.items():  # fail before writing anything
+        target = raw_root / dataset_name
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+        clash = sorted(p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.name != dataset_name)
+        if clash:
+            raise FileExistsError(f"{raw_root} already holds {clash} with dataset id {dataset_id}; nnU-Net could not "
+                                  f"tell it from {dataset_name}. Pick another id or remove it.")
+    out = []
+    for position, (dataset_id, (name, organs)) in enumerate(datasets.items()):
+        series = partial_phantom_seed(seed, position)
+        labels = {"background": 0, **{o: i + 1 for i, o in enumerate(organs)}}
+        lut = np.zeros(max(SPLIT_KIDNEY_LABELS.values()) + 1, np.uint8)
+        for o, code in labels.items():
+            lut[SPLIT_KIDNEY_LABELS[o]] = code
+        dataset_name = names[dataset_id]
+        with staged_dataset_folder(raw_root, dataset_id, dataset_name, overwrite) as staging:
+            for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "labelsTs_full"):
+                (staging / sub).mkdir()
+            for i in range(n_train + n_test):
+                split = "Tr" if i < n_train else "Ts"
+                case = generate_phantom_case(i, seed=series, shape=shape, spacing=spacing, split_kidneys=True)
+                img_dir, lab_dir = staging / f"images{split}", staging / f"labels{split}"
+                _atomic_write_image(img_dir / f"{case.case_id}_0000{FILE_ENDING}", case.image, spacing)
+                _atomic_write_image(lab_dir / f"{case.case_id}{FILE_ENDING}", lut[case.label], spacing)
+                if split == "Ts":
+                    _atomic_write_image(staging / "labelsTs_full" / f"{case.case_id}{FILE_ENDING}", case.label,
+                                        spacing)
+                _atomic_write_text(img_dir / f"{case.case_id}.txt", case.note)
+                _atomic_write_text(img_dir / f"{case.case_id}.aux.txt", case.aux_note)
+            atomic_write_json(staging / "labelsTs_full.json", {"labels": dict(SPLIT_KIDNEY_LABELS)}, sort_keys=False)
+            others = [o for o in SPLIT_KIDNEY_LABELS if o not in labels]
+            _write_dataset_json(
+                staging, n_train, dataset_name, series, shape, spacing, labels=labels,
+                label_descriptions={str(code): o for o, code in labels.items() if code},
+                extra_description=(f" Partially labelled (make_partial_phantom_datasets, seed={seed}, position "
+                                   f"{position}): only {', '.join(organs)} annotated; {', '.join(others)} are "
+                                   "background. labelsTs_full/ holds the full truth of the test cases "
+                                   "(label map in labelsTs_full.json)."),
+                converted_by="nnunet_textguided.data.synthetic.make_partial_phantom_datasets")
+        out.append(raw_root / dataset_name)
+    return out
+
+
+def partial_phantoms_main(argv: list[str] | None = None) -> int:
+    """``nnunet-textguided partial-phantoms``: write the partially labelled phantom datasets."""
+    p = argparse.ArgumentParser(
+        prog="nnunet-textguided partial-phantoms",
+        description="Write two partially labelled synthetic CT phantom datasets as nnU-Net raw datasets: "
+                    + ", ".join(f"Dataset{i:03d}_{n} ({' + '.join(o)})" for i, (n, o) in
+                                PARTIAL_PHANTOM_DATASETS.items())
+                    + "; each annotates only its organs (the others are background), different phantoms per "
+                      "dataset, full 4-organ truth of the test cases in labelsTs_full/.",
+        epilog="then: nnunet-textguided merge -d 11 12 -o 200 --name PhantomUniversal")
+    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--n-train", type=int, default=6, help="training cases per dataset (default: 6)")
+    p.add_argument("--n-test", type=int, default=2, help="test cases per dataset (default: 2)")
+    p.add_argument("--shape", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"),
+                   help="volume size in voxels (default: 32 64 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing datasets")
+    a = p.parse_args(argv)
+    raw = a.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        print("nnunet-textguided partial-phantoms: error: pass --raw DIR or set nnUNet_raw", file=sys.stderr)
+        return 2
+    try:
+        paths = make_partial_phantom_datasets(raw, n_train=a.n_train, n_test=a.n_test, shape=a.shape, seed=a.seed,
+                                              overwrite=a.overwrite)
+    except (ValueError, FileExistsError) as e:
+        print(f"nnunet-textguided partial-phantoms: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+def phantom_universal_dataset_json() -> dict:
+    """dataset.json of a universal dataset with the phantom's labels (liver, spleen, kidneys) from two tasks
+    (liver + spleen, kidneys): builds universal (CDPDNet) networks without data (parameter counts, benchmark)."""
+    from .merge import universal_dataset_json
+    return universal_dataset_json(
+        ["liver", "spleen", "kidneys"], {},
+        [{"name": "LiverSpleen", "labels": ["liver", "spleen"]}, {"name": "Kidneys", "labels": ["kidneys"]}],
+        {"0": "CT"}, FILE_ENDING, "Dataset000_PhantomUniversal", num_training=1)
