@@ -24,12 +24,17 @@ os.environ["nnUNet_extTrainer"] = os.path.abspath(list(nnunet_textguided_trainer
 PHANTOM_ID = 991
 PHANTOM_NAME = f"Dataset{PHANTOM_ID}_TestPhantom"
 REFERRING_ID = 993
+#: two partially labelled phantom datasets (liver + spleen, right + left kidney) and their merge
+PARTIAL_IDS = (994, 995)
+UNIVERSAL_ID = 996
+UNIVERSAL_NAME = f"Dataset{UNIVERSAL_ID}_TestUniversal"
 BIN = Path(sys.executable).parent
 
 
-def run_cmd(*cmd, check=True, timeout=900) -> subprocess.CompletedProcess:
+def run_cmd(*cmd, check=True, timeout=900, env=None) -> subprocess.CompletedProcess:
     exe = shutil.which(cmd[0], path=str(BIN)) or cmd[0]
-    r = subprocess.run([exe, *map(str, cmd[1:])], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([exe, *map(str, cmd[1:])], capture_output=True, text=True, timeout=timeout,
+                       env=None if env is None else {**os.environ, **env})
     if check and r.returncode:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
@@ -56,6 +61,22 @@ def referring_dataset() -> Path:
     run_cmd("nnUNetv2_plan_and_preprocess", "-d", REFERRING_ID, "-c", "2d", "-np", "2", "--verify_dataset_integrity")
     run_cmd("nnunet-textguided", "add-config", "-d", REFERRING_ID, "2d_tiny")
     return folder
+
+
+@pytest.fixture(scope="session")
+def universal_dataset() -> Path:
+    """Two partially labelled phantom datasets merged into one universal dataset, planned and preprocessed by
+    stock nnU-Net, with 3d_tiny."""
+    from nnunet_textguided.data.synthetic import make_partial_phantom_datasets
+    raw = Path(os.environ["nnUNet_raw"])
+    make_partial_phantom_datasets(raw, datasets={PARTIAL_IDS[0]: ("PhantomLiverSpleen", ["liver", "spleen"]),
+                                                 PARTIAL_IDS[1]: ("PhantomKidneys", ["right kidney", "left kidney"])},
+                                  n_train=5, n_test=2, shape=(16, 32, 32), seed=2)
+    run_cmd("nnunet-textguided", "merge", "-d", *PARTIAL_IDS, "-o", UNIVERSAL_ID, "--name", "TestUniversal")
+    run_cmd("nnUNetv2_plan_and_preprocess", "-d", UNIVERSAL_ID, "-c", "3d_fullres", "-np", "2",
+            "--verify_dataset_integrity")
+    run_cmd("nnunet-textguided", "add-config", "-d", UNIVERSAL_ID, "3d_tiny")
+    return raw / UNIVERSAL_NAME
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -6,3 +6,5 @@ so the classes live in the installed package and are only re-exported here (they
 name that ever reached a checkpoint must stay exported: prediction looks the class up by that name.
 """
 from nnunet_textguided.training.biclip import *  # noqa: F401,F403
+from nnunet_textguided.training.cdpdnet import *  # noqa: F401,F403
+from nnunet_textguided.training.baselines import *  # noqa: F401,F403

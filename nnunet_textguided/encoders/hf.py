@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from .base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpecError, FrozenEncoder
 
 EXAMPLE = "hf:/path/to/save_pretrained_dir"
@@ -69,6 +72,42 @@ class HFEncoder(FrozenEncoder):
         out = self.model(pixel_values=x)
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+    def hidden_grids(self, x01: torch.Tensor, layers: int, image_size: int | None = None, normalize: bool = True,
+                     batch_size: int = 64) -> list[torch.Tensor]:
+        """Dense features of a ViT (DINOv2): (N, 3, H, W) in [0, 1] -> ``layers`` tensors (N, D, h, w).
+
+        The token grids of the hidden states of the last ``layers`` blocks (before the final LayerNorm),
+        shallowest first, with the CLS (and register) tokens dropped. Images are resized (bilinear) to
+        ``image_size`` (default: the model's input side; DINOv2 interpolates its position embeddings), and
+        mean/std-normalised only if ``normalize`` (CDPDNet feeds [0, 1] slices without normalisation).
+        """
+        if self.image_size is None or not hasattr(self.model.config, "patch_size"):
+            self._unsupported("hidden_grids (it is not a vision transformer)")
+        if x01.ndim != 4 or x01.shape[1] != 3:
+            raise ValueError(f"{self.kind}: expected images (N, 3, H, W), got shape {tuple(x01.shape)}")
+        cfg = self.model.config
+        total = cfg.num_hidden_layers
+        if not 1 <= layers <= total:
+            raise ValueError(f"encoder {self.spec!r} has {total} blocks; cannot take the last {layers}")
+        side = int(image_size or self.image_size)
+        patch = int(cfg.patch_size)
+        if side % patch:
+            raise ValueError(f"image_size {side} is not a multiple of the patch size {patch} of {self.spec!r}")
+        g = side // patch
+        special = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        outs: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        with torch.no_grad():
+            for i in range(0, x01.shape[0], batch_size):
+                x = x01[i:i + batch_size].to(self.device, torch.float32)
+                x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
+                if normalize:
+                    x = (x - self._mean.float()) / self._std.float()
+                hs = self.model(pixel_values=x.to(self.dtype), output_hidden_states=True).hidden_states
+                for j, h in enumerate(hs[-layers:]):
+                    t = h[:, special:].float()
+                    outs[j].append(t.reshape(t.shape[0], g, g, -1).permute(0, 3, 1, 2))
+        return [torch.cat(o) for o in outs]
 
     def save(self, directory) -> str:
         """``save_pretrained`` model + tokenizer/image processor; returns ``hf:<dir>``."""

@@ -169,7 +169,8 @@ def _hf_structure(spec: str, kind: str, cfg, image_size: int | None, context_len
         return EncoderStructure(spec, kind, cfg.hidden_size, None, {"text": model}, context_length,
                                 {"embed_texts": text, "token_states": text})
     return EncoderStructure(spec, kind, cfg.hidden_size, image_size, {"image": model}, None,
-                            {"embed_images": lambda n, s, ctx: model(pixel_values=_img(n, s))})
+                            {"embed_images": lambda n, s, ctx: model(pixel_values=_img(n, s)),
+                             "hidden_grids": lambda n, s, ctx: model(pixel_values=_img(n, s))})
 
 
 def _openclip(spec: str, kind: str, arg: str, opts: dict) -> EncoderStructure:

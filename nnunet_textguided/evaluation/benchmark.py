@@ -144,8 +144,10 @@ class Setup:
         case = generate_phantom_case(0, seed=0, shape=(24, 48, 48))
         self.volume = case.image[None].astype(np.float32)
         self.properties = {"spacing": [2.5, 1.25, 1.25]}
-        self.dataset_json = {"channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": 1,
-                             "labels": {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3}}
+        # a universal (merged, partial-label) description of the phantom's labels, so that every trainer,
+        # CDPDNet's included, builds from it: one sigmoid output per label for every model alike
+        from ..data.synthetic import phantom_universal_dataset_json
+        self.dataset_json = phantom_universal_dataset_json()
 
     def managers(self):
         import copy
@@ -163,7 +165,7 @@ def build(trainer: type | None, setup: Setup):
     if trainer is None:
         net = nnUNetTrainer.build_network_architecture(pm, cm, 1, lm.num_segmentation_heads, True)
     else:
-        cm.configuration["textguided"] = trainer.settings_for(pm, cm)
+        cm.configuration["textguided"] = trainer.settings_for(pm, cm, dataset_json=setup.dataset_json)
         net = trainer.build_network_architecture(pm, cm, 1, lm.num_segmentation_heads, True)
     return net.to(setup.device), pm, cm, lm
 
@@ -190,9 +192,13 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, num_classes: int):
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     targets = [torch.randint(0, num_classes, (o.shape[0], *o.shape[2:]), device=x.device) for o in outs]
 
+    tasks = getattr(net, "set_batch_tasks", None)  # universal models train on each sample's own task
+
     def step():
         net.train()
         net.decoder.deep_supervision = deep_supervision
+        if tasks is not None:
+            tasks(torch.arange(x.shape[0]) % net.num_tasks)
         opt.zero_grad(set_to_none=True)
         out = net(x)
         out = out if isinstance(out, (list, tuple)) else [out]
@@ -215,6 +221,8 @@ def predict_fn(trainer: type | None, net: nn.Module, pm, cm, setup: Setup, mirro
     def predict():
         net.eval()  # training steps of the same network run in between (round-robin)
         net.decoder.deep_supervision = False
+        if hasattr(net, "set_batch_tasks"):  # inference: every label under a task annotating it (2 passes here)
+            net.set_batch_tasks(None)
         pred.predict_single_npy_array(setup.volume, setup.properties)
     return predict
 

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import sys
 
-import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, subfiles
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import save_summary_json
@@ -80,10 +79,13 @@ def _require_folder(folder: str, what: str) -> None:
 def compute_metrics_on_folder_extended(folder_ref: str, folder_pred: str, output_file: str | None,
                                        image_reader_writer: BaseReaderWriter, file_ending: str, regions_or_labels,
                                        ignore_label: int | None = None,
-                                       num_processes: int = default_num_processes, chill: bool = True) -> dict:
+                                       num_processes: int = default_num_processes, chill: bool = True,
+                                       case_regions: dict[str, list] | None = None) -> dict:
     """nnU-Net's ``compute_metrics_on_folder`` plus the extra metrics; ``output_file`` (.json) may be None.
 
     ``num_processes <= 1`` computes in this process, otherwise in a spawn pool like nnU-Net.
+    ``case_regions`` ({file name: labels/regions}) scores those cases on a subset only (partially labelled
+    references): the other labels' metrics are NaN for that case and left out of the means.
     """
     if output_file is not None and not output_file.endswith(".json"):
         raise ValueError(f"output file must end with .json: {output_file}")
@@ -110,9 +112,22 @@ def compute_metrics_on_folder_extended(folder_ref: str, folder_pred: str, output
             results = pool.starmap(compute_metrics_extended, jobs)
 
     metric_list = list(results[0]["metrics"][regions_or_labels[0]].keys())
+    for c in results:
+        keep = (case_regions or {}).get(os.path.basename(c["prediction_file"]))
+        if keep is not None:
+            keep = {tuple(r) if isinstance(r, (list, tuple)) else r for r in keep}
+            for r in regions_or_labels:
+                if (tuple(r) if isinstance(r, (list, tuple)) else r) not in keep:
+                    c["metrics"][r] = {m: float("nan") for m in metric_list}
+            kept = [c["metrics"][r] for r in regions_or_labels if r != 0]
+            c["case_metrics"].update(mIoU=nanmean([k["IoU"] for k in kept]),
+                                     mIoU_fgbg=nanmean([k["IoU_fgbg"] for k in kept]))
+            if all(isinstance(r, (list, tuple)) for r in regions_or_labels):  # regions: mean of binary accuracies
+                c["case_metrics"]["Accuracy"] = nanmean([k["Accuracy"] for k in kept])
     means = {r: {m: nanmean([c["metrics"][r][m] for c in results]) for m in metric_list}
              for r in regions_or_labels}
-    foreground_mean = {m: float(np.mean([means[r][m] for r in means if r != 0 and r != "0"])) for m in metric_list}
+    # nanmean: a label without any scored case (partial labels) is left out, as nnU-Net leaves out NaN cases
+    foreground_mean = {m: nanmean([means[r][m] for r in means if r != 0 and r != "0"]) for m in metric_list}
     case_mean = {m: nanmean([c["case_metrics"][m] for c in results]) for m in results[0]["case_metrics"]}
     for d in (*results, means, foreground_mean):
         recursive_fix_for_json_export(d)
@@ -144,10 +159,14 @@ def compute_metrics_on_folder2_extended(folder_ref: str, folder_pred: str, datas
                                 f"{folder_ref}")
     rw = determine_reader_writer_from_dataset_json(dataset_json, examples[0])()
     lm = PlansManager(plans_file).get_label_manager(dataset_json)
+    case_regions = None
+    if "textguided_universal" in dataset_json:  # merged partial-label data: score each case on its own labels
+        from ..data.merge import load_universal
+        case_regions = load_universal(dataset_json).scored_regions(lm.foreground_regions, file_ending)
     return compute_metrics_on_folder_extended(
         folder_ref, folder_pred, output_file or join(folder_pred, "summary.json"), rw, file_ending,
         lm.foreground_regions if lm.has_regions else lm.foreground_labels, lm.ignore_label, num_processes,
-        chill=chill)
+        chill=chill, case_regions=case_regions)
 
 
 def _table(result: dict) -> str:

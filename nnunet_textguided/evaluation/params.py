@@ -51,7 +51,9 @@ class ParamReport:
 
     @property
     def inference(self) -> int:
-        return self.trainable - self.training_only + self.frozen
+        """Without encoders whose outputs live in the model (label prompts embedded into buffers)."""
+        return self.trainable - self.training_only + self.frozen - sum(
+            e["params"] for e in self.encoders.values() if not e.get("at_inference", True))
 
     @property
     def inference_gflops(self) -> float:
@@ -90,10 +92,19 @@ def count_plans(trainer, config: str, dataset: str | None = None, configuration:
         if preset is None:
             raise ValueError(f"{trainer.__name__} has no paper configuration; pass --preset")
         plans, name = preset_plans(preset)
-        classes = plans_reference(preset)["num_classes"]
-        return plans, name, _dataset_json(classes), dict(trainer.paper_encoders)
+        ref = plans_reference(preset)
+        if "universal" in ref:  # a partial-label method: the paper's label vocabulary and tasks
+            from ..data.merge import universal_dataset_json
+            u = ref["universal"]
+            dj = universal_dataset_json(u["labels"], u.get("part_of", {}), u["tasks"], {"0": ref["modality"]},
+                                        ".nii.gz", "Dataset000_Reference")
+            return plans, name, dj, dict(trainer.paper_encoders)
+        return plans, name, _dataset_json(ref["num_classes"]), dict(trainer.paper_encoders)
     if config == "tiny":
         plans, name = preset_plans(trainer.tiny_preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+        if getattr(trainer, "universal", False):  # trains on merged partial-label datasets
+            from ..data.synthetic import phantom_universal_dataset_json
+            return plans, name, phantom_universal_dataset_json(), None
         return plans, name, _dataset_json(4), None
     raise ValueError(f"--config must be one of {', '.join(CONFIG_KINDS)}")
 
@@ -121,7 +132,7 @@ def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: d
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     trainer.check_configuration(cm, configuration)
-    settings = trainer.settings_for(pm, cm, encoders)
+    settings = trainer.settings_for(pm, cm, encoders, dataset_json)
     structures = {spec: encoder_structure(spec) for spec in settings.get("encoders", {})}
     for spec, st in structures.items():
         settings["encoders"][spec] = {"embed_dim": st.embed_dim}
@@ -149,15 +160,20 @@ def count(trainer, config: str = "paper", dataset: str | None = None, configurat
     x = torch.empty(1, n_in, *cm.patch_size, device=device)
     cond = getattr(net, "conditioner", None)
     dims = {spec: st.embed_dim for spec, st in structures.items()}
-    calls = cond.encoder_calls(tuple(x.shape)) if cond is not None else []
+    calls = cond.encoder_calls(tuple(x.shape)) if cond is not None else []  # (spec, method, n[, image_size])
+    if hasattr(net, "set_label_tasks"):  # universal models: one task's pass (auto routing may run several)
+        net.set_label_tasks([0] * net.num_labels)
     with _placeholder_conditioning(net, dims), torch.no_grad(), FlopCounterMode(display=False) as fc:
         net(x)
     settings = cm.configuration["textguided"]
     enc_rows = {}
     for spec, st in structures.items():
-        enc_rows[spec] = {"params": st.num_parameters(),
-                          "gflops_per_forward": sum(st.flops(m, n) for s, m, n in calls if s == spec) / 1e9,
-                          "roles": [r["name"] for r in settings.get("streams", ()) if r["encoder"] == spec]}
+        use = settings.get("encoder_use", {}).get(spec, {})  # {"role", "towers", "at_inference"} if given
+        enc_rows[spec] = {"params": st.num_parameters(use.get("towers")),
+                          "gflops_per_forward": sum(st.flops(*c[1:]) for c in calls if c[0] == spec) / 1e9,
+                          "roles": [use["role"]] if "role" in use else
+                          [r["name"] for r in settings.get("streams", ()) if r["encoder"] == spec],
+                          "at_inference": use.get("at_inference", True)}
     return ParamReport(trainer.__name__, config, cfg_name, list(cm.patch_size), lm.num_segmentation_heads,
                        trainable, training_only, frozen_net, enc_rows, fc.get_total_flops() / 1e9,
                        dict(trainer.paper_figures) if config == "paper" else {})
@@ -188,17 +204,24 @@ def format_report(r: ParamReport) -> str:
              f"| of which training-only | {_m(r.training_only)} | |"]
     if r.frozen_in_network:
         lines.append(f"| network, frozen parts | {_m(r.frozen_in_network)} | |")
-    offline = []
+    offline, built_in = [], []
     for spec, e in r.encoders.items():
         flops = f"{e['gflops_per_forward']:.2f}"
-        if not e["gflops_per_forward"]:
+        if not e.get("at_inference", True):
+            flops, built_in = "— ²", built_in + [spec]
+        elif not e["gflops_per_forward"]:
             flops, offline = "— ¹", offline + [spec]
-        lines.append(f"| frozen encoder `{spec}` | {_m(e['params'])} | {flops} |")
-    lines.append(f"| **at inference** (network − training-only + frozen) | **{_m(r.inference)}** | "
-                 f"**{r.inference_gflops:.2f}** |")
+        roles = f" ({', '.join(e['roles'])})" if e.get("roles") else ""
+        lines.append(f"| frozen encoder `{spec}`{roles} | {_m(e['params'])} | {flops} |")
+    lines.append(f"| **at inference** (network − training-only + frozen{' − ²' if built_in else ''}) | "
+                 f"**{_m(r.inference)}** | **{r.inference_gflops:.2f}** |")
     if offline:
         lines += ["", "¹ not run per forward: this model reads embeddings computed once per case (embedding store / "
                   "nnUNetv2_predict_textguided)"]
+    if built_in:
+        lines += ["", "² embeds the label / task prompts when the network is built; the checkpoint carries the "
+                  "results as buffers, so it does no work per forward and is left out of the inference total "
+                  "(prediction still loads it once, to check its weight hash)"]
     if r.paper_figures:
         lines += ["", "Paper: " + ", ".join(f"{k} {v:g}" for k, v in r.paper_figures.items())]
     return "\n".join(lines)

@@ -5,17 +5,42 @@ embeddings of every full slice), each case's conditioning is computed from its p
 the embedding store computed it for training, and positional channels are appended so nnU-Net's sliding
 window and test-time mirroring hand every patch the embeddings of its source slices. For all other models
 it predicts exactly like nnUNetv2_predict.
+
+Universal (merged, partial-label) models — CDPDNet — take more flags:
+
+  --labels "left kidney, liver"   predict only these labels; each phrase is matched to the model's label
+                                  vocabulary by text similarity (conditioning.labels; the match is printed);
+                                  an unknown phrase stops with the list of known labels
+  --task NAME                     predict under this task's prompt, writing the labels it annotates (or those
+                                  of --labels); default: each label under a task that annotated it
+  --label-threshold T, --label-margin M, --label-encoder SPEC
+                                  similarity threshold (0.7), margin over the runner-up (0.1), sentence encoder
+  --save_label_masks              also write one binary mask per label: <output>/label_masks/<case>/<label>.nii.gz
+
+Output form of overlapping labels (organ and its tumour): nnU-Net's region export — one label map per case in
+which every label is written with its code in ``regions_class_order`` order (a tumour after its organ, so it
+stays visible); a label's mask read from the map is ``isin(map, its region codes)`` (an organ includes its
+tumour, but loses voxels where a later label was also predicted). ``--save_label_masks`` instead thresholds each label's own sigmoid probability at 0.5 (overlaps kept, exactly
+the network's per-label decision). The selection used is recorded in <output>/textguided_selection.json.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
 
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from ..conditioning.labels import (DEFAULT_LABEL_ENCODER, DEFAULT_MARGIN, DEFAULT_THRESHOLD, match_labels,
+                                  split_phrases)
 from ..conditioning.slices import TableSliceConditioner
 from ..data.position_channels import append_position_channels
+from ..io import atomic_path, atomic_write_json
+
+PROG = "nnUNetv2_predict_textguided"
 
 
 def _conditioner(network):
@@ -23,23 +48,194 @@ def _conditioner(network):
     return getattr(net, "conditioner", None)
 
 
+class LabelSelectionError(ValueError):
+    pass
+
+
 class TextGuidedPredictor(nnUNetPredictor):
+    #: universal models: {"labels": free text or None, "task": name or None, "threshold", "encoder"}
+    label_selection: dict | None = None
+    #: what the last initialisation selected and which outputs the last run wrote (read by ``main`` after
+    #: nnU-Net's entry point returns)
+    last_selection: dict | None = None
+    last_outputs: list[str] | None = None
+
+    def initialize_from_trained_model_folder(self, *args, **kwargs):
+        super().initialize_from_trained_model_folder(*args, **kwargs)
+        if self.label_selection:
+            self.selection = self.select_labels(**self.label_selection)
+            type(self).last_selection = self.selection
+
+    def _manage_input_and_output_lists(self, *args, **kwargs):
+        lists = super()._manage_input_and_output_lists(*args, **kwargs)
+        type(self).last_outputs = list(lists[1]) if lists[1] is not None else None  # this run's cases only
+        return lists
+
+    def select_labels(self, labels: str | None = None, task: str | None = None,
+                      threshold: float = DEFAULT_THRESHOLD, margin: float = DEFAULT_MARGIN,
+                      encoder: str = DEFAULT_LABEL_ENCODER) -> dict:
+        """Route a universal model's labels to tasks and pick the labels to write (see module docstring)."""
+        from ..training.cdpdnet import route_labels
+        settings = self.configuration_manager.configuration.get("textguided", {})
+        net = getattr(self.network, "_orig_mod", self.network)
+        if "task_labels" not in settings or not hasattr(net, "set_label_tasks"):
+            raise LabelSelectionError("--labels / --task apply to universal models trained on a merged dataset "
+                                      "(CDPDNetTrainer); this model predicts a fixed label set")
+        if task is not None and not settings.get("use_ttpg", True):
+            raise LabelSelectionError(f"--task: this model ({settings.get('method')} without TTPG) has no task "
+                                      "prompts; predict without --task")
+        vocab, tasks, task_labels = settings["labels"], settings["tasks"], settings["task_labels"]
+        synonyms = (self.dataset_json.get("textguided_universal") or {}).get("synonyms")
+        matches = []
+        if labels is not None:
+            phrases = split_phrases(labels)
+            if not phrases:
+                raise LabelSelectionError(f"--labels {labels!r} names no label; known labels: {', '.join(vocab)}")
+            matches = match_labels(phrases, vocab, encoder, threshold, margin, synonyms)
+            for m in matches:
+                print(f"{PROG}: label {m.describe()}")
+        asked = [l for l in vocab if l in {m.label for m in matches}] if matches else None
+        if task is not None:
+            lower = {t.lower(): i for i, t in enumerate(tasks)}
+            if task.lower() not in lower:
+                raise LabelSelectionError(f"--task {task!r} is not a task of this model; tasks: {', '.join(tasks)}")
+            t = lower[task.lower()]
+            routing = [t] * len(vocab)
+            # the task's prompt was trained only on its own labels: write those unless --labels asks for others
+            wanted = asked or [l for l in vocab if l in task_labels[t]]
+            foreign = [l for l in wanted if l not in task_labels[t]]
+            if foreign:
+                print(f"{PROG}: warning: task '{tasks[t]}' never annotated {', '.join(foreign)}; their prediction "
+                      "under its prompt was not trained (drop --task to use a task that annotated them)")
+        else:
+            wanted = asked or list(vocab)
+            routing = route_labels(task_labels, vocab, wanted)
+        net.set_label_tasks(routing)
+        for t in sorted({routing[vocab.index(l)] for l in wanted}):
+            print(f"{PROG}: task '{tasks[t]}' predicts " + ", ".join(l for l in wanted if routing[vocab.index(l)] == t))
+        return {"labels": wanted, "channels": [vocab.index(l) for l in wanted],
+                "matches": [m.__dict__ for m in matches], "routing": {l: tasks[routing[i]] for i, l in enumerate(vocab)}}
+
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         cond = _conditioner(self.network)
         if isinstance(cond, TableSliceConditioner):
             data = torch.as_tensor(np.asarray(data)) if not torch.is_tensor(data) else data
             cond.set_tables({0: cond.compute_tables(data, device=self.device)})
             data = append_position_channels(data, 0)
-        return super().predict_logits_from_preprocessed_data(data)
+        logits = super().predict_logits_from_preprocessed_data(data)
+        selection = getattr(self, "selection", None)
+        if selection and len(selection["channels"]) < logits.shape[0]:
+            drop = [c for c in range(logits.shape[0]) if c not in selection["channels"]]
+            with torch.inference_mode():  # the logits are inference tensors
+                logits[drop] = -1e4  # sigmoid -> 0: unselected labels are never written
+        return logits
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def save_label_masks(output_folder: str, cases: list[str], labels: list[str] | None = None) -> int:
+    """One binary mask per label for each case of ``cases`` in ``output_folder``. Universal (region) models:
+    from the sigmoid probabilities nnU-Net saved beside each label map (``<case>.npz``, channel k = label k,
+    ``p > 0.5``: the network's own per-label decision, overlaps kept), else from the map (``isin(map, region
+    codes)``: a label overwritten by a later one in ``regions_class_order`` loses those voxels). Label models
+    (softmax): ``map == code``."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    dj = load_json(os.path.join(output_folder, "dataset.json"))
+    ending = dj["file_ending"]
+    files = [os.path.join(output_folder, c + ending) for c in cases if os.path.isfile(os.path.join(output_folder, c + ending))]
+    if not files:
+        raise FileNotFoundError(f"--save_label_masks: no prediction ending in {ending} in {output_folder}")
+    regions = {name: [int(v) for v in (r if isinstance(r, (list, tuple)) else [r])]
+               for name, r in dj["labels"].items() if name not in ("background", "ignore")}
+    has_regions = any(len(r) > 1 for r in regions.values())
+    channel = {name: k for k, name in enumerate(regions)}
+    names = [n for n in regions if labels is None or n in labels]
+    rw = determine_reader_writer_from_dataset_json(dj, files[0])()
+    n = 0
+    for f in files:
+        case = os.path.basename(f)[:-len(ending)]
+        seg, props = rw.read_seg(f)
+        probs_file = os.path.join(output_folder, case + ".npz")
+        probs = np.load(probs_file)["probabilities"] if has_regions and os.path.isfile(probs_file) else None
+        case_dir = os.path.join(output_folder, "label_masks", case)
+        os.makedirs(case_dir, exist_ok=True)
+        for name in names:
+            if probs is not None:
+                mask = probs[channel[name]] > 0.5
+            else:
+                mask = np.isin(seg[0], regions[name])
+            with atomic_path(os.path.join(case_dir, _slug(name) + ending), suffix=ending) as tmp:
+                rw.write_seg(mask.astype(np.uint8), tmp, props)
+            n += 1
+    return n
+
+
+def _split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--labels")
+    p.add_argument("--task")
+    p.add_argument("--label-threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--label-margin", type=float, default=DEFAULT_MARGIN)
+    p.add_argument("--label-encoder", default=DEFAULT_LABEL_ENCODER)
+    p.add_argument("--save_label_masks", action="store_true")
+    p.add_argument("-o")
+    ours, rest = p.parse_known_args(argv)
+    if ours.o is not None:
+        rest += ["-o", ours.o]
+    return ours, rest
 
 
 def main() -> None:
     # nnU-Net's own entry point and argument parser, with this predictor class in place of nnUNetPredictor
-    # (changed in this process only), so every flag behaves exactly as in nnUNetv2_predict.
+    # (changed in this process only), so every flag behaves exactly as in nnUNetv2_predict; the flags of
+    # universal models are taken off argv first.
     import nnunetv2.inference.predict_from_raw_data as stock
+    ours, rest = _split_argv(sys.argv[1:])
+    if "-h" in rest or "--help" in rest:
+        print(__doc__)
+    # per-label masks come from the probabilities: have nnU-Net save them, and remove them afterwards unless
+    # they were asked for
+    added_probabilities = ours.save_label_masks and "--save_probabilities" not in rest
+    if added_probabilities:
+        rest.append("--save_probabilities")
+    TextGuidedPredictor.label_selection = (
+        {"labels": ours.labels, "task": ours.task, "threshold": ours.label_threshold, "margin": ours.label_margin,
+         "encoder": ours.label_encoder}
+        if ours.labels is not None or ours.task is not None else None)
     stock.nnUNetPredictor = TextGuidedPredictor
-    sys.argv[0] = "nnUNetv2_predict_textguided"
-    stock.predict_entry_point()
+    sys.argv = [PROG] + rest
+    try:
+        stock.predict_entry_point()
+    except LabelSelectionError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # UnknownLabelError
+        if type(e).__name__ != "UnknownLabelError":
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    selection = TextGuidedPredictor.last_selection
+    if ours.o and selection:
+        atomic_write_json(os.path.join(ours.o, "textguided_selection.json"),
+                          {"labels_argument": ours.labels, "task_argument": ours.task,
+                           "threshold": ours.label_threshold, "margin": ours.label_margin,
+                           "label_encoder": ours.label_encoder, **selection})
+    if ours.save_label_masks and ours.o:
+        cases = [os.path.basename(f) for f in TextGuidedPredictor.last_outputs or []]
+        try:
+            n = save_label_masks(ours.o, cases, selection["labels"] if selection else None)
+        except FileNotFoundError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{PROG}: wrote {n} per-label masks to {os.path.join(ours.o, 'label_masks')}")
+        if added_probabilities:  # only the files this run added
+            for case in cases:
+                for ext in (".npz", ".pkl"):
+                    if os.path.isfile(os.path.join(ours.o, case + ext)):
+                        os.remove(os.path.join(ours.o, case + ext))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,13 @@ class TextGuidedTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        seed = os.environ.get("nnUNet_textguided_seed")
+        if seed:  # reproducible runs: weights, patch sampling and augmentation (with nnUNet_n_proc_DA=0)
+            import random
+            import numpy as np
+            random.seed(int(seed))
+            np.random.seed(int(seed))
+            torch.manual_seed(int(seed))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = (self.short_epochs or int(self.setting("nnUNet_textguided_epochs", "0"))
                            or self.default_epochs or self.num_epochs)
@@ -86,7 +93,7 @@ class TextGuidedTrainer(nnUNetTrainer):
         if self.short_val_iterations_per_epoch is not None:
             self.num_val_iterations_per_epoch = self.short_val_iterations_per_epoch
         self.check_configuration(self.configuration_manager, configuration)
-        settings = self.settings_for(self.plans_manager, self.configuration_manager)
+        settings = self.settings_for(self.plans_manager, self.configuration_manager, dataset_json=self.dataset_json)
         # the same dict in both places: the plans (saved as the run's plans.json and, through my_init_kwargs,
         # inside every checkpoint) and the resolved configuration the network is built from
         self.plans_manager.plans["configurations"][configuration]["textguided"] = settings
@@ -106,10 +113,12 @@ class TextGuidedTrainer(nnUNetTrainer):
         """Raise ValueError (naming the configurations to use) if this trainer cannot train the configuration."""
 
     @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders: dict[str, str] | None = None) -> dict:
+    def settings_for(cls, plans_manager, configuration_manager, encoders: dict[str, str] | None = None,
+                     dataset_json: dict | None = None) -> dict:
         """The ``textguided`` settings of this trainer for a configuration. ``encoders`` ({role: spec})
         replaces the trainer's encoder choice (paper configurations, counting); otherwise the trainer's
-        attributes and their environment overrides apply."""
+        attributes and their environment overrides apply. ``dataset_json`` is the dataset's description
+        (label vocabularies and tasks of universal datasets live there)."""
         raise NotImplementedError
 
     @staticmethod
@@ -172,11 +181,15 @@ class TextGuidedTrainer(nnUNetTrainer):
             join(self.preprocessed_dataset_folder_base, "gt_segmentations"), folder, join(folder, "summary.json"),
             self.plans_manager.image_reader_writer_class(), self.dataset_json["file_ending"],
             lm.foreground_regions if lm.has_regions else lm.foreground_labels, lm.ignore_label, chill=True,
-            num_processes=default_num_processes)
+            num_processes=default_num_processes, case_regions=self.validation_case_regions())
         fg = metrics["foreground_mean"]
         self.print_to_log_file("Validation (extended summary.json): " + ", ".join(
             f"{k} {fg[k]:.4f}" for k in ("Dice", "IoU", "HD95", "Precision", "Recall") if k in fg))
         return metrics
+
+    def validation_case_regions(self) -> dict[str, list] | None:
+        """{prediction file name: labels/regions to score} when cases are scored on subsets (partial labels)."""
+        return None
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rot, dummy2d, initial, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()

@@ -93,7 +93,7 @@ class BiCLIPTrainer(TextGuidedTrainer):
                       "caption": "coca:coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k"}
 
     @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders=None) -> dict:
+    def settings_for(cls, plans_manager, configuration_manager, encoders=None, dataset_json=None) -> dict:
         specs = encoders or {"image": cls.setting("nnUNet_textguided_image_encoder", cls.image_encoder),
                              "caption": cls.setting("nnUNet_textguided_caption_encoder", cls.caption_encoder)}
         streams = [{"name": n, "encoder": specs[n], "method": STREAM_METHODS[n]} for n in cls.streams]

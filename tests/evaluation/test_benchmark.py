@@ -8,11 +8,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_harness_prints_the_side_by_side_table():
     # a subprocess: the CPU memory measurement changes the allocator's settings for the whole process
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark"), "--trainers", "BiCLIPTrainer_offline",
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark"), "--trainers", "BiCLIPTrainer_offline", "CDPDNetTrainer",
                         "--repeats", "1", "--predict-repeats", "1"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
-    assert {"nnUNetTrainer", "BiCLIPTrainer_offline"} <= set(rows)
+    assert {"nnUNetTrainer", "BiCLIPTrainer_offline", "CDPDNetTrainer"} <= set(rows)
     base = [c.strip() for c in rows["nnUNetTrainer"].split("|")[2:-1]]
     assert base[1] == "1.00" and base[5] == "1.00"  # the baseline's ratios
     assert float(base[2]) > 1  # peak memory of a training iteration is measured (MiB)

@@ -252,3 +252,19 @@ def test_entry_point(folders, capsys, tmp_path):
     # predictions missing without --chill
     assert main([str(folders / "gt"), str(bad), *args[2:], "-o", str(fresh)]) == 2
     assert "--chill" in capsys.readouterr().err and not fresh.exists()
+
+
+def test_case_regions_score_partially_labelled_cases_on_their_labels_only(folders):
+    ref_dir, pred_dir = str(folders / "gt"), str(folders / "pred")
+    full = compute_metrics_on_folder_extended(ref_dir, pred_dir, None, SimpleITKIO(), ".nii.gz", [1, 2],
+                                              num_processes=1)
+    part = compute_metrics_on_folder_extended(ref_dir, pred_dir, None, SimpleITKIO(), ".nii.gz", [1, 2],
+                                              num_processes=1, case_regions={"case_2.nii.gz": [1]})
+    # case 2 (label 2 missed) is no longer scored on label 2: it leaves the label-2 mean, label 1 is unchanged
+    assert all(math.isnan(v) for v in part["metric_per_case"][2]["metrics"][2].values())
+    assert part["mean"][1] == full["mean"][1]
+    dice2 = [c["metrics"][2]["Dice"] for c in full["metric_per_case"][:2]]
+    assert part["mean"][2]["Dice"] == pytest.approx(float(np.mean(dice2)))
+    assert part["mean"][2]["Dice"] > full["mean"][2]["Dice"]
+    assert part["metric_per_case"][2]["case_metrics"]["mIoU"] == pytest.approx(
+        full["metric_per_case"][2]["metrics"][1]["IoU"])

@@ -10,9 +10,8 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_textguided.conditioning.slices import get_encoder
-from nnunet_textguided.evaluation.params import count, main
+from nnunet_textguided.evaluation.params import count, count_plans, main
 from nnunet_textguided.networks.blocks import SliceEmbeddingAdapter
-from nnunet_textguided.presets import preset_plans
 from nnunet_textguided.training import trainer_classes
 from nnunet_textguided.training.biclip import (BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2,
                                                BiCLIPTrainer_Net4, nnFormerTrainer)
@@ -27,11 +26,12 @@ def numel(module) -> int:
 @pytest.mark.parametrize("trainer", BASE_TRAINERS, ids=lambda t: t.__name__)
 def test_tiny_counts_match_the_network_nnunet_trains(trainer):
     report = count(trainer, "tiny")
-    plans, name = preset_plans(trainer.tiny_preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+    plans, name, dataset_json, _ = count_plans(trainer, "tiny")
     pm = PlansManager(plans)
     cm = pm.get_configuration(name)
-    cm.configuration["textguided"] = trainer.settings_for(pm, cm)
-    net = trainer.build_network_architecture(pm, cm, 1, 4, False)  # what nnUNetv2_train builds
+    cm.configuration["textguided"] = trainer.settings_for(pm, cm, dataset_json=dataset_json)
+    heads = pm.get_label_manager(dataset_json).num_segmentation_heads
+    net = trainer.build_network_architecture(pm, cm, 1, heads, False)  # what nnUNetv2_train builds
     assert report.trainable == sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert report.patch_size == list(cm.patch_size)
     assert report.trainable - report.training_only + report.frozen_in_network == numel(net)
@@ -39,7 +39,8 @@ def test_tiny_counts_match_the_network_nnunet_trains(trainer):
     assert set(report.encoders) == set(specs)
     for spec, row in report.encoders.items():
         assert row["params"] == numel(get_encoder(spec))
-    assert report.inference == numel(net) + sum(numel(get_encoder(s)) for s in specs)
+    needed = [s for s in specs if report.encoders[s]["at_inference"]]  # label-prompt encoders: buffers instead
+    assert report.inference == numel(net) + sum(numel(get_encoder(s)) for s in needed)
     assert report.network_gflops > 0
 
 
@@ -96,3 +97,18 @@ def test_plans_config_counts_a_dataset(phantom_dataset):
     tiny = json.loads(plans.read_text())["configurations"]["3d_tiny"]
     assert report.patch_size == tiny["patch_size"]
     assert report.trainable > 0 and torch.isfinite(torch.tensor(report.network_gflops))
+
+
+def test_cdpdnet_paper_configuration_on_meta():
+    """CDPDNet at 96^3 with 32 labels / 11 tasks: CLIP ViT-B/32 text (prompts only) and DINOv2-base (no weights)."""
+    from nnunet_textguided.training.cdpdnet import CDPDNetTrainer, CDPDNetTrainer_Baseline
+    r = count(CDPDNetTrainer, "paper")
+    assert r.patch_size == [96, 96, 96] and r.num_classes == 32
+    text, dino = CDPDNetTrainer.paper_encoders["text"], CDPDNetTrainer.paper_encoders["dino"]
+    assert r.encoders[dino]["params"] == 86_580_480  # facebook/dinov2-base
+    assert r.encoders[text]["params"] == 63_428_096 and not r.encoders[text]["at_inference"]  # CLIP text tower
+    # 96 slices of one patch at 98 px (7 x 7 tokens) through DINOv2-base
+    assert 96 * 8 < r.encoders[dino]["gflops_per_forward"] < 96 * 9
+    assert r.trainable == 64_687_856  # networks/test_cdpdnet.py derives it module by module
+    assert r.inference == r.trainable + 86_580_480
+    assert count(CDPDNetTrainer_Baseline, "paper").trainable == 31_137_248  # CNN encoder + decoder only

@@ -29,19 +29,19 @@ def test_referring_notes_name_another_position():
 
 @pytest.mark.slow
 def test_vision_only_baseline_is_text_blind_and_below_a_referring_model(referring_dataset, tmp_path):
-    run_cmd("nnUNetv2_train", REFERRING_ID, "2d_tiny", "0", "-tr", "nnUNetTrainer_1epoch", "-device", "cpu")
+    run_cmd("nnUNetv2_train", REFERRING_ID, "2d_tiny", "0", "-tr", "nnUNetTrainer_2epochs", "-device", "cpu")
     r = run_cmd("nnunet-textguided", "text-dependence", "-d", REFERRING_ID, "-c", "2d_tiny",
-                "-tr", "nnUNetTrainer_1epoch", "-o", tmp_path)
-    assert "| nnUNetTrainer_1epoch |" in r.stdout
+                "-tr", "nnUNetTrainer_2epochs", "-o", tmp_path)
+    assert "| nnUNetTrainer_2epochs |" in r.stdout
     result = json.loads((tmp_path / "text_dependence.json").read_text())
     dice = result["dice"]
-    vision = dice["nnUNetTrainer_1epoch"]
+    vision = dice["nnUNetTrainer_2epochs"]
     # nnU-Net never reads the note: shuffled notes change nothing, bit for bit
     assert vision["true"] == vision["shuffled"]
-    for case in os.listdir(tmp_path / "nnUNetTrainer_1epoch" / "true_notes"):
+    for case in os.listdir(tmp_path / "nnUNetTrainer_2epochs" / "true_notes"):
         if case.endswith(".png"):
-            a = (tmp_path / "nnUNetTrainer_1epoch" / "true_notes" / case).read_bytes()
-            assert a == (tmp_path / "nnUNetTrainer_1epoch" / "shuffled_notes" / case).read_bytes()
+            a = (tmp_path / "nnUNetTrainer_2epochs" / "true_notes" / case).read_bytes()
+            assert a == (tmp_path / "nnUNetTrainer_2epochs" / "shuffled_notes" / case).read_bytes()
     # the inputs differ only in their notes, and every note moved
     for case in result_cases(tmp_path):
         true = (tmp_path / "input_true_notes" / f"{case}.txt").read_text()
