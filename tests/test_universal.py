@@ -87,7 +87,7 @@ def test_every_organ_is_segmented_including_organs_never_annotated_in_the_cases_
                                                   str(tmp_path / "summary.json"), num_processes=1)
     for case in summary["metric_per_case"]:
         sid = int(os.path.basename(case["prediction_file"])[1:4])
-        scored = {o for o in ORGANS if not np.isnan(case["metrics"][str(tuple(dj["labels"][o]))]["Dice"])}
+        scored = {o for o in ORGANS if not np.isnan(case["metrics"][tuple(dj["labels"][o])]["Dice"])}
         assert scored <= OWN[sid]
 
 
@@ -99,12 +99,16 @@ def test_labels_by_paraphrase_write_only_that_label(trained_universal, tmp_path)
     code = dj["textguided_universal"]["codes"]["left kidney"]
     files = sorted(tmp_path.glob("*.nii.gz"))
     assert len(files) == 4
+    found = set()
     for f in files:
         seg = read(f)
-        assert set(np.unique(seg)) == {0, code}
+        found |= set(np.unique(seg).tolist())
+        assert set(np.unique(seg)) <= {0, code}  # only the selected label is written
         mask = read(tmp_path / "label_masks" / f.name[:-7] / "left_kidney.nii.gz")
         assert np.array_equal(mask, (seg == code).astype(mask.dtype))
         assert [p.name for p in (tmp_path / "label_masks" / f.name[:-7]).iterdir()] == ["left_kidney.nii.gz"]
+    assert found == {0, code}
+    assert not list(tmp_path.glob("*.npz"))  # the probabilities added for the masks are removed again
     sel = json.loads((tmp_path / "textguided_selection.json").read_text())
     assert sel["labels"] == ["left kidney"] and sel["routing"]["left kidney"] == "PhantomKidneys"
 
