@@ -17,6 +17,8 @@
               one sigmoid channel per label, per-case task metadata) for CDPDNet-style training
   partial-phantoms
               generate two partially labelled CT phantom datasets (liver + spleen, right + left kidney)
+  convert-lvit
+              convert an LViT-format dataset (QaTa-COV19, MosMedData+, MoNuSeg) to nnU-Net raw 2D with notes
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ _DELEGATED = {
     "text-dependence": (".evaluation.text_dependence:main", "Dice with true vs shuffled notes"),
     "merge": (".data.merge:main", "merge partially labelled raw datasets into one universal dataset"),
     "partial-phantoms": (".data.synthetic:partial_phantoms_main", "generate two partially labelled phantom datasets"),
+    "convert-lvit": (".data.lvit:main", "convert an LViT-format dataset (QaTa-COV19, MosMedData+, MoNuSeg) to nnU-Net raw 2D with notes"),
 }
 
 
