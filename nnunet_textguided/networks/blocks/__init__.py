@@ -2,7 +2,8 @@
 from .adapters import SliceEmbeddingAdapter
 from .attention import DropPath, GlobalSelfAttentionBlock, RelativePositionBias3d
 from .film import TextFiLM
+from .plam import PLAM
 from .windows import CrossWindowBlock, Mlp, WindowAttention, WindowedBlock
 
 __all__ = ["SliceEmbeddingAdapter", "DropPath", "GlobalSelfAttentionBlock", "RelativePositionBias3d", "TextFiLM",
-           "CrossWindowBlock", "Mlp", "WindowAttention", "WindowedBlock"]
+           "PLAM", "CrossWindowBlock", "Mlp", "WindowAttention", "WindowedBlock"]
