@@ -66,6 +66,10 @@ class EmbeddingStore:
     def source_hash(self, case: str) -> str:
         return file_sha256(*case_data_files(self.preprocessed_folder, case))
 
+    def has(self, case: str) -> bool:
+        """A complete entry exists for the case (whatever its source hash)."""
+        return (self.root / f"{case}.json").is_file() and (self.root / f"{case}.npy").is_file()
+
     def is_current(self, case: str, source_hash: str | None = None) -> bool:
         meta_file, arr_file = self.root / f"{case}.json", self.root / f"{case}.npy"
         if not (meta_file.is_file() and arr_file.is_file()):

@@ -6,6 +6,12 @@ the embedding store computed it for training, and positional channels are append
 window and test-time mirroring hand every patch the embeddings of its source slices. For all other models
 it predicts exactly like nnUNetv2_predict.
 
+Note-guided models (RecLMIS, TGC-Net, MPTPN) read each case's clinical note from ``<CASE>.txt`` beside its
+image files in the input folder and encode it exactly as the embedding store encoded the training notes. Every
+case is checked first: a case without a note (or with an empty one) stops the run with exit code 2 and the
+list of such cases, before anything is predicted. Stock nnUNetv2_predict refuses these models (it cannot pass
+notes).
+
 Universal (merged, partial-label) models — CDPDNet — take more flags:
 
   --labels "left kidney, liver"   predict only these labels; each phrase is matched to the model's label
@@ -36,6 +42,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from ..conditioning.labels import (DEFAULT_LABEL_ENCODER, DEFAULT_MARGIN, DEFAULT_THRESHOLD, match_labels,
                                   split_phrases)
+from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_note
 from ..conditioning.slices import TableSliceConditioner
 from ..data.position_channels import append_position_channels
 from ..io import atomic_path, atomic_write_json
@@ -69,7 +76,61 @@ class TextGuidedPredictor(nnUNetPredictor):
     def _manage_input_and_output_lists(self, *args, **kwargs):
         lists = super()._manage_input_and_output_lists(*args, **kwargs)
         type(self).last_outputs = list(lists[1]) if lists[1] is not None else None  # this run's cases only
+        if isinstance(_conditioner(self.network), NoteConditioner):
+            self._case_notes = self.read_case_notes(lists[0])
         return lists
+
+    # -- note-guided models ---------------------------------------------------------------------------------
+    def read_case_notes(self, list_of_lists: list[list[str]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """[(case, tokens (1, L, D), mask (1, L))] of the cases to predict: each case's ``<CASE>.txt`` beside its
+        first image file, encoded exactly like the embedding store encodes training notes. Every case is checked
+        before anything is predicted; cases without a usable note stop the run (NoteError) with their names."""
+        ending = self.dataset_json["file_ending"]
+        cases, texts, problems = [], [], []
+        for files in list_of_lists:
+            case = os.path.basename(files[0])[:-(len(ending) + 5)]
+            try:
+                texts.append(read_note(note_path(os.path.dirname(files[0]), case)))
+                cases.append(case)
+            except NoteError as e:
+                problems.append(str(e))
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise NoteError(f"{len(problems)} of {len(list_of_lists)} cases have no usable note: "
+                            + "; ".join(problems[:3]) + more)
+        cond = _conditioner(self.network)
+        out = []
+        for case, text in zip(cases, texts):  # one at a time, exactly like the store (bitwise-equal tokens)
+            tokens, mask = cond.encode([text], self.device)
+            out.append((case, tokens, mask))
+        return out
+
+    def set_note(self, text: str) -> None:
+        """For the in-memory APIs (predict_single_npy_array ...): the note of the next case(s) predicted."""
+        cond = _conditioner(self.network)
+        if not isinstance(cond, NoteConditioner):
+            raise ValueError("this model does not read notes")
+        cond.set_notes(*cond.encode([" ".join(str(text).split())], self.device))
+
+    def predict_from_data_iterator(self, data_iterator, *args, **kwargs):
+        notes = getattr(self, "_case_notes", None)
+        if notes is not None:
+            data_iterator = self._with_notes(data_iterator, notes)
+        return super().predict_from_data_iterator(data_iterator, *args, **kwargs)
+
+    def _with_notes(self, data_iterator, notes):
+        """Set each case's note just before nnU-Net predicts it (the loop pulls one case at a time)."""
+        cond = _conditioner(self.network)
+        by_case = {case: (tokens, mask) for case, tokens, mask in notes}
+        order = iter(notes)
+        for item in data_iterator:
+            ofile = item.get("ofile")
+            case = os.path.basename(ofile) if ofile is not None else next(order)[0]
+            if case not in by_case:
+                raise NoteError(f"no note was read for case '{case}'")
+            cond.set_notes(*by_case[case])
+            yield item
+        cond.set_notes(None)
 
     def select_labels(self, labels: str | None = None, task: str | None = None,
                       threshold: float = DEFAULT_THRESHOLD, margin: float = DEFAULT_MARGIN,
@@ -209,7 +270,7 @@ def main() -> None:
     sys.argv = [PROG] + rest
     try:
         stock.predict_entry_point()
-    except LabelSelectionError as e:
+    except (LabelSelectionError, NoteError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except ValueError as e:  # UnknownLabelError

@@ -156,6 +156,43 @@ class TextGuidedTrainer(nnUNetTrainer):
             self.print_to_log_file(f"WARNING: encoders {untrained} are random-init test encoders (untrained); "
                                    "results say nothing about the method. See README for real encoders.")
 
+    # -- training-only modules and checkpoints -------------------------------------------------------------
+    #: trainable modules used only by the training losses (RecLMIS: interest MLPs, reconstructors): built by
+    #: ``build_training_only_modules``, optimised with the network, saved in checkpoints under
+    #: ``training_only_weights`` — never part of the network, so the predictor builds and loads the inference graph
+    #: alone (``network_weights``)
+    training_only: torch.nn.Module | None = None
+
+    @classmethod
+    def build_training_only_modules(cls, settings: dict, network: torch.nn.Module) -> torch.nn.Module | None:
+        """The training-only modules for ``network`` (built from the same settings), or None."""
+        return None
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (same keys) plus ``training_only_weights``, written atomically: an interrupted
+        save leaves the previous checkpoint intact instead of a truncated file."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        from ..io import atomic_path
+        checkpoint = {
+            "network_weights": self.bare_network().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+        if self.training_only is not None:
+            checkpoint["training_only_weights"] = self.training_only.state_dict()
+        with atomic_path(filename, suffix=".pth") as tmp:
+            torch.save(checkpoint, tmp)
+
     def load_checkpoint(self, filename_or_checkpoint):
         if not self.was_initialized:
             self.initialize()
@@ -165,6 +202,11 @@ class TextGuidedTrainer(nnUNetTrainer):
         saved = checkpoint["init_args"]["plans"]["configurations"][self.configuration_name].get("textguided", {})
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         compare_encoder_records(saved.get("encoders", {}), self.textguided.get("encoders", {}), str(where))
+        if self.training_only is not None:
+            if "training_only_weights" not in checkpoint:
+                raise RuntimeError(f"{where} has no training_only_weights (the {type(self).__name__} losses' own "
+                                   "modules): it was not written by this trainer; start a new training")
+            self.training_only.load_state_dict(checkpoint["training_only_weights"])
         super().load_checkpoint(checkpoint)
 
     def perform_actual_validation(self, save_probabilities: bool = False):

@@ -1,0 +1,126 @@
+"""Per-case clinical notes: ``<CASE>.txt`` sidecars -> frozen token states, one path for training and inference.
+
+Consistency rule (DESIGN.md): a note is read (:func:`read_note`) and encoded (:func:`encode_notes`) by the same
+two functions when the embedding store is filled for training and when ``nnUNetv2_predict_textguided`` meets a
+new case, so a network sees exactly the same tokens for the same note in both.
+
+Encoding: the frozen text encoder's per-token states (``FrozenEncoder.token_states``: CLIP's
+``ln_final(x) @ text_projection`` for every token, the RecLMIS text features; BERT/MiniLM last hidden states),
+cropped or zero-padded to ``max_tokens`` (18 in RecLMIS for QaTa-COV19/MosMedData+, 10 for MoNuSeg), with a
+mask of the real tokens. In the store one case is one (max_tokens, D + 1) float32 array: the states and, in the
+last column, the mask (1/0).
+
+Networks get the note of each sample through a :class:`NoteConditioner` (unregistered, like every conditioner:
+not in checkpoints or the optimizer): the trainer sets the batch's notes from its case keys before each step, the
+predictor sets the case's note before the sliding window. A forward without notes stops with the name of the
+note-aware command: stock ``nnUNetv2_predict`` never silently predicts without the note.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .slices import get_encoder
+
+NOTE_SUFFIX = ".txt"
+
+
+class NoteError(ValueError):
+    """A case without a usable note (missing, empty, not UTF-8)."""
+
+
+class NotesRequiredError(RuntimeError):
+    pass
+
+
+def note_path(folder: str | os.PathLike, case: str) -> Path:
+    return Path(folder) / f"{case}{NOTE_SUFFIX}"
+
+
+def read_note(path: str | os.PathLike) -> str:
+    """The note of a case: UTF-8 text with whitespace runs (newlines included) collapsed to single spaces."""
+    path = Path(path)
+    if not path.is_file():
+        raise NoteError(f"no note for case '{path.name[:-len(NOTE_SUFFIX)]}': {path} does not exist. This model "
+                        f"segments with each image's clinical note: write it as <CASE>{NOTE_SUFFIX} (UTF-8) beside "
+                        "the case's image files")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NoteError(f"{path} is not UTF-8 text ({e}); save the note as UTF-8") from None
+    text = " ".join(text.split())
+    if not text:
+        raise NoteError(f"{path} is empty; write the case's clinical note into it")
+    return text
+
+
+def note_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def encode_notes(spec: str, texts: list[str], max_tokens: int, device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Notes -> (n, max_tokens, D) float32 token states (zero past each note's tokens) and (n, max_tokens) bool."""
+    states, mask = get_encoder(spec, device).token_states(list(texts), max_length=int(max_tokens))
+    return states.float(), mask.bool()
+
+
+def pack_note(states: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """(L, D) states + (L,) mask -> (L, D + 1) float32 array for the store."""
+    return torch.cat((states.float(), mask.float()[:, None]), 1).cpu().numpy()
+
+
+def unpack_note(array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    return t[:, :-1], t[:, -1] > 0.5
+
+
+class NoteConditioner:
+    """x -> (x, {"tokens": (B, L, D), "mask": (B, L)}) from the notes set for the current batch or case.
+
+    ``set_notes`` takes one note per sample of the coming batch, or a single note (first dimension 1) that is
+    used for every patch of a case (sliding window, mirroring).
+    """
+
+    def __init__(self, spec: str, max_tokens: int, token_dim: int):
+        self.spec, self.max_tokens, self.token_dim = spec, int(max_tokens), int(token_dim)
+        self.tokens: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def set_notes(self, tokens: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
+        if tokens is not None and (tokens.ndim != 3 or mask is None or mask.shape != tokens.shape[:2]):
+            raise ValueError(f"notes must be (B, L, D) states with a (B, L) mask, got {tuple(tokens.shape)} and "
+                             f"{None if mask is None else tuple(mask.shape)}")
+        self.tokens, self.mask = tokens, mask
+
+    def encode(self, texts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_notes(self.spec, texts, self.max_tokens, device)
+
+    def apply_to_encoders(self, fn) -> None:
+        pass  # the encoder runs once per case (store / predictor), never inside forward
+
+    def encoder_calls(self, x_shape) -> list:
+        return []  # nothing per forward: notes are encoded once per case
+
+    def placeholder(self, x: torch.Tensor, dims: dict[str, int]):
+        """Zero tokens (all valid) of the right shapes, without the encoder (parameter/FLOP counting)."""
+        b = x.shape[0]
+        return x, {"tokens": x.new_zeros(b, self.max_tokens, dims.get(self.spec, self.token_dim)),
+                   "mask": torch.ones(b, self.max_tokens, dtype=torch.bool, device=x.device)}
+
+    def __call__(self, x: torch.Tensor):
+        if self.tokens is None:
+            raise NotesRequiredError(
+                "this model segments each image with its clinical note, and no note was given. Predict with "
+                "nnUNetv2_predict_textguided (same flags as nnUNetv2_predict) and put each case's note as "
+                f"<CASE>{NOTE_SUFFIX} beside its images; stock nnUNetv2_predict cannot pass notes")
+        tokens, mask = self.tokens.to(x.device), self.mask.to(x.device)
+        if tokens.shape[0] == 1 and x.shape[0] != 1:
+            tokens, mask = tokens.expand(x.shape[0], -1, -1), mask.expand(x.shape[0], -1)
+        elif tokens.shape[0] != x.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} notes set for a batch of {x.shape[0]}")
+        return x, {"tokens": tokens.to(x.dtype) if x.is_floating_point() else tokens, "mask": mask}

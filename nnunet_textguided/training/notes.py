@@ -1,0 +1,209 @@
+"""The shared base of the note-guided 2D trainers (RecLMIS; TGC-Net and MPTPN build on it).
+
+What it adds to TextGuidedTrainer:
+- the note store: every training case's ``<CASE>.txt`` (in ``nnUNet_raw/<Dataset>/imagesTr``) encoded once by the
+  frozen text encoder into token states (``conditioning.notes``), kept in the embedding store next to the
+  preprocessed data (``nnUNetv2_extract_textguided``, or lazily at training start). A case is recomputed when
+  its note changes (the store keys each case by the note's sha256) or the encoder/max length changes (another
+  store folder);
+- batches: before each training / validation step the notes of ``batch['keys']`` are handed to the network's
+  NoteConditioner; the end-of-training validation hands over each validation case's note before its sliding
+  window;
+- inference: the network refuses to run without notes (stock ``nnUNetv2_predict`` stops with the name of
+  ``nnUNetv2_predict_textguided``, which reads each new case's sidecar and encodes it with the same function).
+
+Encoder settings: ``text_encoder`` (``nnUNet_textguided_text_encoder``) and ``max_tokens``
+(``nnUNet_textguided_max_tokens``).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from tqdm import tqdm
+
+from ..conditioning.notes import NoteConditioner, NoteError, encode_notes, note_path, note_sha256, pack_note, \
+    read_note, unpack_note
+from ..conditioning.store import EmbeddingStore
+from .base import TextGuidedTrainer, check_and_record_encoders
+
+MAX_ROTATION = 15.0 / 180.0 * np.pi
+
+
+class NoteGuidedTrainer(TextGuidedTrainer):
+    text_encoder = "minilm"
+    max_tokens = 18
+    tiny_preset = "2d_tiny"
+    mirror_axes_override = ()  # see configure_rotation_dummyDA_mirroring_and_inital_patch_size
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # notes name positions ("lower right lung"): nnU-Net's foreground oversampling re-centres a patch on the
+        # lesion and would make the note wrong; patches keep their place in the image
+        self.oversample_foreground_percent = 0.0
+
+    @classmethod
+    def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
+        patch = configuration_manager.patch_size
+        if len(patch) != 2:
+            raise ValueError(f"{cls.__name__} segments 2D images with one note per image; configuration "
+                             f"'{configuration}' has a {len(patch)}D patch {list(patch)}. Train a 2d configuration "
+                             "(2d, 2d_tiny, 2d_reclmis_paper).")
+
+    @classmethod
+    def note_settings(cls, encoders: dict[str, str] | None = None) -> dict:
+        spec = (encoders or {}).get("text") or cls.setting("nnUNet_textguided_text_encoder", cls.text_encoder)
+        max_tokens = int(cls.setting("nnUNet_textguided_max_tokens", str(cls.max_tokens)))
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens} (nnUNet_textguided_max_tokens)")
+        return {"notes": True, "text_encoder": spec, "max_tokens": max_tokens, "encoders": {spec: {}},
+                "encoder_use": {spec: {"role": "case notes", "towers": ["text"]}}}
+
+    # -- the note store -----------------------------------------------------------------------------------
+    def notes_folder(self) -> str:
+        from nnunetv2.paths import nnUNet_raw
+        return os.path.join(nnUNet_raw or "", self.plans_manager.dataset_name, "imagesTr")
+
+    def note_store(self) -> EmbeddingStore:
+        s = self.textguided
+        identity = {"kind": "note_tokens", "encoder": s["text_encoder"], "max_tokens": s["max_tokens"],
+                    "weight_hash": s["encoders"][s["text_encoder"]].get("weight_hash")}
+        return EmbeddingStore(self.preprocessed_dataset_folder, "notes", identity)
+
+    def all_case_identifiers(self) -> list[str]:
+        return sorted(infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
+            self.preprocessed_dataset_folder))
+
+    def read_training_notes(self, cases: list[str]) -> dict[str, str]:
+        """{case: note} from the raw dataset; one error listing every case without a usable note."""
+        folder, notes, problems = self.notes_folder(), {}, []
+        for c in cases:
+            try:
+                notes[c] = read_note(note_path(folder, c))
+            except NoteError as e:
+                problems.append(str(e))
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise NoteError(f"{len(problems)} of {len(cases)} training cases have no usable note: "
+                            + "; ".join(problems[:3]) + more)
+        return notes
+
+    def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
+        """Encode missing or changed notes into the store. Returns counts {'computed', 'skipped'}."""
+        check_and_record_encoders(self.textguided)
+        cases = sorted(cases or self.all_case_identifiers())[part_id::num_parts]
+        notes = self.read_training_notes(cases)  # every note checked before anything is computed
+        store = self.note_store()
+        todo = [c for c in cases if not store.is_current(c, note_sha256(notes[c]))]
+        s = self.textguided
+        # one note at a time, exactly as nnUNetv2_predict_textguided encodes a new case: batched matmuls may
+        # differ in the last bits, and training and inference must see bitwise-equal tokens
+        for c in tqdm(todo, desc="note tokens", disable=not progress or not todo):
+            states, mask = encode_notes(s["text_encoder"], [notes[c]], s["max_tokens"], self.device)
+            store.save(c, pack_note(states[0], mask[0]), note_sha256(notes[c]))
+        return {"computed": len(todo), "skipped": len(cases) - len(todo)}
+
+    def _register_notes(self) -> None:
+        cases = self.all_case_identifiers()
+        store = self.note_store()
+        if os.path.isdir(self.notes_folder()):
+            counts = self.extract(cases, progress=False)
+            if counts["computed"]:
+                self.print_to_log_file(f"note tokens: {counts['computed']} cases encoded into {store.root}")
+        elif all(store.has(c) for c in cases):
+            self.print_to_log_file(f"WARNING: {self.notes_folder()} not found; using the stored note tokens of "
+                                   f"{store.root} without checking them against the notes")
+        else:
+            raise NoteError(f"{self.notes_folder()} not found and the note store {store.root} is incomplete: set "
+                            "nnUNet_raw to the folder holding this dataset's raw data (with <CASE>.txt notes)")
+        self._notes = {c: unpack_note(store.load(c)) for c in cases}
+
+    def set_case_notes(self, keys) -> None:
+        """Hand the notes of these cases (one per sample, in order) to the network."""
+        if not getattr(self, "_notes", None):
+            self._register_notes()
+        missing = [k for k in keys if k not in self._notes]
+        if missing:
+            raise KeyError(f"no stored note for case {missing[0]}; run nnUNetv2_extract_textguided -d "
+                           f"{self.plans_manager.dataset_name} -c {self.configuration_name} -tr {type(self).__name__}")
+        tokens = torch.stack([self._notes[k][0] for k in keys]).to(self.device)
+        mask = torch.stack([self._notes[k][1] for k in keys]).to(self.device)
+        self.note_conditioner().set_notes(tokens, mask)
+
+    @contextmanager
+    def case_notes(self, keys):
+        """The notes of ``keys`` set on the network for the duration of the block."""
+        self.set_case_notes(list(keys))
+        try:
+            yield
+        finally:
+            self.note_conditioner().set_notes(None)
+
+    def note_conditioner(self) -> NoteConditioner:
+        return self.bare_network().conditioner
+
+    # -- nnU-Net hooks ------------------------------------------------------------------------------------
+    def _do_i_compile(self):
+        return False  # the conditioner's notes change between calls
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """Notes name sides and positions ("all left lung and lower right lung"): no mirroring (training or
+        test time) and rotations within +-15 degrees instead of nnU-Net's +-180 for square 2D patches, so an
+        augmented image still matches its note."""
+        _, dummy2d, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation = (-MAX_ROTATION, MAX_ROTATION)
+        patch = self.configuration_manager.patch_size
+        initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
+        self.inference_allowed_mirroring_axes = None  # nnU-Net's predictor: None = no test-time mirroring
+        return rotation, dummy2d, initial, ()
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._register_notes()
+
+    def train_step(self, batch: dict) -> dict:
+        with self.case_notes(batch["keys"]):
+            return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with self.case_notes(batch["keys"]):
+            return super().validation_step(batch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation, with each case's note set when nnU-Net loads the case (just before its
+        sliding window)."""
+        base = self.dataset_class
+        self.dataset_class = _NoteSettingDatasetClass(base, lambda k: self.set_case_notes([k]))
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = base
+            self.note_conditioner().set_notes(None)
+
+
+class _NoteSettingDatasetClass:
+    """Stands in for nnU-Net's dataset class during validation: ``load_case(k)`` also sets case k's note."""
+
+    def __init__(self, base_class, on_load):
+        self.base_class, self.on_load = base_class, on_load
+
+    def __call__(self, *args, **kwargs):
+        dataset = self.base_class(*args, **kwargs)
+        load = dataset.load_case
+
+        def load_case(key):
+            out = load(key)
+            self.on_load(key)
+            return out
+        dataset.load_case = load_case
+        return dataset
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "base_class" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.base_class, name)
