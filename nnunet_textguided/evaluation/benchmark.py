@@ -16,8 +16,11 @@ trainer (each base trainer of each method; variants that only rename are skipped
   state): CUDA ``max_memory_allocated``; on Linux CPUs the resident-set high-water mark (measured after all
   timings, with glibc set to return freed blocks to the OS).
 
-The data is one generated CT phantom (``data.synthetic``); the plans are reference plans with the chosen
-preset (``3d_tiny`` by default, ``--preset 3d_biclip_paper`` on a GPU).
+The data is one generated CT phantom (``data.synthetic``), or for 2D presets (``--preset 2d_tiny`` /
+``2d_reclmis_paper``) one image of the referring dataset with its note (note-guided models encode the note as
+part of each prediction, like ``nnUNetv2_predict_textguided`` does for a new case); the plans are reference plans
+with the chosen preset (``3d_tiny`` by default, ``--preset 3d_biclip_paper`` on a GPU). Models with training-only
+modules (RecLMIS's reconstructors) train them in the measured step too.
 """
 from __future__ import annotations
 
@@ -136,14 +139,24 @@ class Setup:
     plans: dict = field(init=False)
     volume: np.ndarray = field(init=False)
     properties: dict = field(init=False)
+    note: str = field(init=False)
 
     def __post_init__(self):
         from ..data.synthetic import generate_phantom_case
         from ..presets import preset_plans
         self.plans, self.configuration = preset_plans(self.preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
-        case = generate_phantom_case(0, seed=0, shape=(24, 48, 48))
-        self.volume = case.image[None].astype(np.float32)
-        self.properties = {"spacing": [2.5, 1.25, 1.25]}
+        _, cm = self.managers()
+        if len(cm.patch_size) == 2:  # 2D presets: one image of the referring dataset and its note
+            from ..data.referring import generate_referring_case
+            case = generate_referring_case(0, seed=0, size=max(cm.patch_size))
+            self.volume = case.image[None, None].astype(np.float32)
+            self.properties = {"spacing": [999.0, 1.0, 1.0]}
+            self.note = case.note
+        else:
+            case = generate_phantom_case(0, seed=0, shape=(24, 48, 48))
+            self.volume = case.image[None].astype(np.float32)
+            self.properties = {"spacing": [2.5, 1.25, 1.25]}
+            self.note = "An abdominal CT phantom."
         # a universal (merged, partial-label) description of the phantom's labels, so that every trainer,
         # CDPDNet's included, builds from it: one sigmoid output per label for every model alike
         from ..data.synthetic import phantom_universal_dataset_json
@@ -171,11 +184,15 @@ def build(trainer: type | None, setup: Setup):
 
 
 def _input(net, setup: Setup, cm, batch: int) -> torch.Tensor:
-    """A training batch as the network receives it (with positional channels and tables in paper mode)."""
+    """A training batch as the network receives it (with positional channels and tables in paper mode; the
+    setup's note for note-guided models)."""
+    from ..conditioning.notes import NoteConditioner
     from ..conditioning.slices import TableSliceConditioner
     from ..data.position_channels import append_position_channels
     x = torch.randn(batch, 1, *cm.patch_size, device=setup.device)
     cond = getattr(net, "conditioner", None)
+    if isinstance(cond, NoteConditioner):
+        cond.set_notes(*cond.encode([setup.note], setup.device))
     if isinstance(cond, TableSliceConditioner):
         cond.set_tables({0: cond.compute_tables(setup.volume, device=setup.device)})
         pos = append_position_channels(np.zeros((1, *cm.patch_size), np.float32), 0)[1:]
@@ -183,8 +200,11 @@ def _input(net, setup: Setup, cm, batch: int) -> torch.Tensor:
     return x
 
 
-def train_step_fn(net: nn.Module, x: torch.Tensor, num_classes: int):
-    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+def train_step_fn(net: nn.Module, x: torch.Tensor, num_classes: int, training_only: nn.Module | None = None):
+    """One optimiser step of ``net``; with the trainer's ``training_only`` modules (RecLMIS's reconstructors) the
+    step also computes their losses from the network's ``forward_features`` and updates them."""
+    params = list(net.parameters()) + (list(training_only.parameters()) if training_only is not None else [])
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True)
     deep_supervision = net.decoder.deep_supervision  # as built for training (the predictor switches it off)
     net.train()
     with torch.no_grad():
@@ -200,16 +220,30 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, num_classes: int):
         if tasks is not None:
             tasks(torch.arange(x.shape[0]) % net.num_tasks)
         opt.zero_grad(set_to_none=True)
-        out = net(x)
+        extra = 0.0
+        if training_only is None:
+            out = net(x)
+        else:
+            xc, cond = net.condition(x)
+            out, features = net.forward_features(xc, cond["tokens"], cond["mask"])
+            extra = sum(training_only(features).values())
         out = out if isinstance(out, (list, tuple)) else [out]
-        sum(nn.functional.cross_entropy(o, t) for o, t in zip(out, targets)).backward()
+        (sum(nn.functional.cross_entropy(o, t) for o, t in zip(out, targets)) + extra).backward()
         opt.step()
     return step
+
+
+def training_only_of(trainer: type | None, net: nn.Module, cm, device) -> nn.Module | None:
+    if trainer is None:
+        return None
+    extra = trainer.build_training_only_modules(cm.configuration["textguided"], net)
+    return extra.to(device) if extra is not None else None
 
 
 def predict_fn(trainer: type | None, net: nn.Module, pm, cm, setup: Setup, mirror_axes):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from ..conditioning.notes import NoteConditioner
     from ..inference.predict import TextGuidedPredictor
     cls = TextGuidedPredictor if trainer is not None else nnUNetPredictor
     pred = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=bool(mirror_axes), device=setup.device,
@@ -224,6 +258,11 @@ def predict_fn(trainer: type | None, net: nn.Module, pm, cm, setup: Setup, mirro
         if hasattr(net, "set_batch_tasks"):  # inference: every label under a task annotating it (2 passes here)
             net.set_batch_tasks(None)
         pred.predict_single_npy_array(setup.volume, setup.properties)
+    if isinstance(getattr(net, "conditioner", None), NoteConditioner):
+        def predict_with_note():  # a new case: its note is encoded, then the image predicted
+            pred.set_note(setup.note)
+            predict()
+        return predict_with_note
     return predict
 
 
@@ -269,8 +308,11 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
         torch.manual_seed(0)
         net, pm, cm, lm = build(trainer, setup)
         names.append(trainer.__name__ if trainer else "nnUNetTrainer")
-        train_fns.append(train_step_fn(net, _input(net, setup, cm, batch), lm.num_segmentation_heads))
-        mirror = trainer.mirror_axes_override if trainer is not None and trainer.mirror_axes_override else (0,)
+        train_fns.append(train_step_fn(net, _input(net, setup, cm, batch), lm.num_segmentation_heads,
+                                       training_only_of(trainer, net, cm, setup.device)))
+        # 3D: mirroring along the first axis for every model alike; 2D: none (note-guided models never mirror)
+        mirror = () if len(cm.patch_size) == 2 else \
+            trainer.mirror_axes_override if trainer is not None and trainer.mirror_axes_override else (0,)
         predict_fns.append(predict_fn(trainer, net, pm, cm, setup, mirror))
         if trainer is not None:
             extraction[names[-1]] = extraction_rows(trainer, net, setup, repeats)
@@ -283,7 +325,8 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
     for trainer in [None] + trainers:
         torch.manual_seed(0)
         net, pm, cm, lm = build(trainer, setup)
-        step = train_step_fn(net, _input(net, setup, cm, batch), lm.num_segmentation_heads)
+        step = train_step_fn(net, _input(net, setup, cm, batch), lm.num_segmentation_heads,
+                             training_only_of(trainer, net, cm, setup.device))
         step()  # gradients and optimizer state exist before the measured step: its peak is the activations
         results[trainer.__name__ if trainer else "nnUNetTrainer"][1] = peak_memory(step, setup.device)
         del net, step

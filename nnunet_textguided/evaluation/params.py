@@ -13,8 +13,9 @@ no data and no weights:
   (batch 1) in inference mode, with the conditioning replaced by zero tensors of the right shapes; the frozen
   encoders' FLOPs for that forward are counted separately from their own structures.
 
-Columns: *trainable* (optimised), *training-only* (trainable modules dropped at inference, listed by the
-network's ``training_only_modules``), *frozen* (encoders and frozen network parts), *inference* = trainable −
+Columns: *trainable* (optimised), *training-only* (trainable modules dropped at inference: listed by the
+network's ``training_only_modules``, or built beside the network by the trainer's
+``build_training_only_modules`` — RecLMIS's reconstructors), *frozen* (encoders and frozen network parts), *inference* = trainable −
 training-only + frozen.
 """
 from __future__ import annotations
@@ -156,6 +157,11 @@ def count(trainer, config: str = "paper", dataset: str | None = None, configurat
     frozen_net = sum(p.numel() for p in params.values() if not p.requires_grad)
     training_only = sum(p.numel() for name in getattr(net, "training_only_modules", ())
                         for p in net.get_submodule(name).parameters() if p.requires_grad)
+    with torch.device(device):  # modules the trainer optimises beside the network, for its losses only
+        extra = trainer.build_training_only_modules(cm.configuration["textguided"], net)
+    if extra is not None:
+        n_extra = sum(p.numel() for p in extra.parameters() if p.requires_grad)
+        trainable, training_only = trainable + n_extra, training_only + n_extra
 
     x = torch.empty(1, n_in, *cm.patch_size, device=device)
     cond = getattr(net, "conditioner", None)

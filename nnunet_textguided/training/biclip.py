@@ -79,6 +79,13 @@ def build_biclip_network(settings, backbone, plans_manager, configuration_manage
 
 class BiCLIPTrainer(TextGuidedTrainer):
     """BiCLIP Net4 (both streams), online conditioning: exact under stock nnUNetv2_predict."""
+
+    @classmethod
+    def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
+        if len(configuration_manager.patch_size) != 3:
+            raise ValueError(f"{cls.__name__}: BiCLIP is a 3D method; configuration '{configuration}' has a "
+                             "2D patch. Train a 3d configuration (3d_fullres, 3d_tiny).")
+
     textguided_method = "biclip"
     streams: tuple[str, ...] = ("image", "caption")
     mode = "online"
@@ -153,6 +160,7 @@ class nnFormerTrainer(BiCLIPTrainer_Net1):
 
     @classmethod
     def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
+        super().check_configuration(configuration_manager, configuration)
         if configuration_manager.network_arch_class_name != NNFORMER_CLASS:
             raise ValueError(f"{cls.__name__} trains nnFormer, but configuration '{configuration}' builds "
                              f"{configuration_manager.network_arch_class_name}. Add an nnFormer configuration "
