@@ -29,8 +29,9 @@ def trained(referring_dataset):
 def test_checkpoint_keeps_training_only_modules_apart_and_validation_is_scored(trained):
     _, folder = trained
     ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert ck["training_only_weights"] and not any(k.startswith(("cvr", "clr", "word_interest", "text_attention"))
-                                                   for k in ck["network_weights"])
+    parts = ("cvr", "clr", "interest", "reconstructor")
+    assert ck["training_only_weights"] and not any(p in k for k in ck["network_weights"] for p in parts)
+    assert {k.split(".")[0] for k in ck["network_weights"]} == {"encoder", "text_proj", "interaction", "decoder"}
     assert ck["inference_allowed_mirroring_axes"] is None
     assert (folder / "fold_0" / "validation" / "summary.json").is_file()
 
@@ -65,7 +66,9 @@ def test_predictions_follow_the_notes(trained, tmp_path):
             shutil.copy2(raw / "imagesTs" / f"{c}_0000.png", inputs)
             (inputs / f"{c}.txt").write_text(variant[c], encoding="utf-8")
         out = tmp_path / f"out_{name}"
-        run_cmd("nnUNetv2_predict_textguided", "-i", inputs, "-o", out, *PREDICT, "--save_probabilities")
+        # "again": nnU-Net's sequential path (-npp 0 -nps 0) must give the same notes to the same cases
+        workers = ("-npp", 0, "-nps", 0) if name == "again" else ()
+        run_cmd("nnUNetv2_predict_textguided", "-i", inputs, "-o", out, *PREDICT, *workers, "--save_probabilities")
         assert len(list(out.glob("*.png"))) == len(cases)
         probabilities[name] = {c: np.load(out / f"{c}.npz")["probabilities"] for c in cases}
     for c in cases:

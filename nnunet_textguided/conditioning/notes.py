@@ -33,8 +33,9 @@ class NoteError(ValueError):
     """A case without a usable note (missing, empty, not UTF-8)."""
 
 
-class NotesRequiredError(RuntimeError):
-    pass
+class NotesRequiredError(Exception):
+    """A note-guided network called without notes. Not a RuntimeError: nnU-Net's sliding window takes those
+    for out-of-memory errors and retries on the CPU."""
 
 
 def note_path(folder: str | os.PathLike, case: str) -> Path:
@@ -56,6 +57,22 @@ def read_note(path: str | os.PathLike) -> str:
     if not text:
         raise NoteError(f"{path} is empty; write the case's clinical note into it")
     return text
+
+
+def read_notes(paths: dict[str, str | os.PathLike], what: str = "cases") -> dict[str, str]:
+    """{case: note} for {case: note file}; every case is checked first and one NoteError lists those without a
+    usable note (the first three with their reason), so nothing is computed for a partly annotated folder."""
+    notes, problems = {}, []
+    for case, path in paths.items():
+        try:
+            notes[case] = read_note(path)
+        except NoteError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise NoteError(f"{len(problems)} of {len(paths)} {what} have no usable note: " + "; ".join(problems[:3])
+                        + more)
+    return notes
 
 
 def note_sha256(text: str) -> str:

@@ -42,7 +42,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from ..conditioning.labels import (DEFAULT_LABEL_ENCODER, DEFAULT_MARGIN, DEFAULT_THRESHOLD, match_labels,
                                   split_phrases)
-from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_note
+from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_notes
 from ..conditioning.slices import TableSliceConditioner
 from ..data.position_channels import append_position_channels
 from ..io import atomic_path, atomic_write_json
@@ -77,33 +77,28 @@ class TextGuidedPredictor(nnUNetPredictor):
         lists = super()._manage_input_and_output_lists(*args, **kwargs)
         type(self).last_outputs = list(lists[1]) if lists[1] is not None else None  # this run's cases only
         if isinstance(_conditioner(self.network), NoteConditioner):
-            self._case_notes = self.read_case_notes(lists[0])
+            notes = self.read_case_notes(lists[0])
+            # for this run only: the parallel path finds a case's note by its output name, the sequential path
+            # (-npp 0 -nps 0) takes them in order
+            outputs = list(lists[1]) if lists[1] is not None else [None] * len(notes)
+            self._case_notes = {"by_output": {o: n for o, n in zip(outputs, notes) if o is not None},
+                                "in_order": list(notes)}
         return lists
 
     # -- note-guided models ---------------------------------------------------------------------------------
-    def read_case_notes(self, list_of_lists: list[list[str]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """[(case, tokens (1, L, D), mask (1, L))] of the cases to predict: each case's ``<CASE>.txt`` beside its
-        first image file, encoded exactly like the embedding store encodes training notes. Every case is checked
-        before anything is predicted; cases without a usable note stop the run (NoteError) with their names."""
+    def read_case_notes(self, list_of_lists: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(tokens (1, L, D), mask (1, L))] of the cases to predict, in order: each case's ``<CASE>.txt`` beside
+        its first image file, encoded exactly like the embedding store encodes training notes. Every case is
+        checked before anything is predicted; cases without a usable note stop the run (NoteError)."""
         ending = self.dataset_json["file_ending"]
-        cases, texts, problems = [], [], []
+        paths = {}
         for files in list_of_lists:
             case = os.path.basename(files[0])[:-(len(ending) + 5)]
-            try:
-                texts.append(read_note(note_path(os.path.dirname(files[0]), case)))
-                cases.append(case)
-            except NoteError as e:
-                problems.append(str(e))
-        if problems:
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise NoteError(f"{len(problems)} of {len(list_of_lists)} cases have no usable note: "
-                            + "; ".join(problems[:3]) + more)
+            paths[case] = note_path(os.path.dirname(files[0]), case)
+        notes = read_notes(paths)
         cond = _conditioner(self.network)
-        out = []
-        for case, text in zip(cases, texts):  # one at a time, exactly like the store (bitwise-equal tokens)
-            tokens, mask = cond.encode([text], self.device)
-            out.append((case, tokens, mask))
-        return out
+        # one at a time, exactly like the store (bitwise-equal tokens)
+        return [cond.encode([notes[c]], self.device) for c in paths]
 
     def set_note(self, text: str) -> None:
         """For the in-memory APIs (predict_single_npy_array ...): the note of the next case(s) predicted."""
@@ -113,7 +108,7 @@ class TextGuidedPredictor(nnUNetPredictor):
         cond.set_notes(*cond.encode([" ".join(str(text).split())], self.device))
 
     def predict_from_data_iterator(self, data_iterator, *args, **kwargs):
-        notes = getattr(self, "_case_notes", None)
+        notes = self.__dict__.pop("_case_notes", None)
         if notes is not None:
             data_iterator = self._with_notes(data_iterator, notes)
         return super().predict_from_data_iterator(data_iterator, *args, **kwargs)
@@ -121,16 +116,25 @@ class TextGuidedPredictor(nnUNetPredictor):
     def _with_notes(self, data_iterator, notes):
         """Set each case's note just before nnU-Net predicts it (the loop pulls one case at a time)."""
         cond = _conditioner(self.network)
-        by_case = {case: (tokens, mask) for case, tokens, mask in notes}
-        order = iter(notes)
+        order = iter(notes["in_order"])
         for item in data_iterator:
             ofile = item.get("ofile")
-            case = os.path.basename(ofile) if ofile is not None else next(order)[0]
-            if case not in by_case:
-                raise NoteError(f"no note was read for case '{case}'")
-            cond.set_notes(*by_case[case])
+            note = notes["by_output"].get(ofile) if ofile is not None else next(order, None)
+            if note is None:
+                raise NoteError(f"no note was read for the case written to {ofile}")
+            cond.set_notes(*note)
             yield item
         cond.set_notes(None)
+
+    def predict_from_files_sequential(self, *args, **kwargs):
+        """nnU-Net's sequential path (-npp 0 -nps 0): cases are predicted in list order, one call of
+        ``predict_logits_from_preprocessed_data`` each, which takes the next note."""
+        self._sequential = True
+        try:
+            return super().predict_from_files_sequential(*args, **kwargs)
+        finally:
+            self._sequential = False
+            self.__dict__.pop("_case_notes", None)
 
     def select_labels(self, labels: str | None = None, task: str | None = None,
                       threshold: float = DEFAULT_THRESHOLD, margin: float = DEFAULT_MARGIN,
@@ -179,6 +183,8 @@ class TextGuidedPredictor(nnUNetPredictor):
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         cond = _conditioner(self.network)
+        if getattr(self, "_sequential", False) and "_case_notes" in self.__dict__:
+            cond.set_notes(*self._case_notes["in_order"].pop(0))
         if isinstance(cond, TableSliceConditioner):
             data = torch.as_tensor(np.asarray(data)) if not torch.is_tensor(data) else data
             cond.set_tables({0: cond.compute_tables(data, device=self.device)})

@@ -108,9 +108,18 @@ class TextGuidedTrainer(nnUNetTrainer):
     #: the configuration preset of tests and the demo
     tiny_preset: str = "3d_tiny"
 
+    #: 2 or 3: the patch dimensionality the method is built for (None: any)
+    spatial_dims: int | None = 3
+    configuration_hint: str = "3d_fullres, 3d_tiny"
+
     @classmethod
     def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
         """Raise ValueError (naming the configurations to use) if this trainer cannot train the configuration."""
+        patch = list(configuration_manager.patch_size)
+        if cls.spatial_dims is not None and len(patch) != cls.spatial_dims:
+            raise ValueError(f"{cls.__name__} is a {cls.spatial_dims}D method; configuration '{configuration}' has a "
+                             f"{len(patch)}D patch {patch}. Train a {cls.spatial_dims}d configuration "
+                             f"({cls.configuration_hint}).")
 
     @classmethod
     def settings_for(cls, plans_manager, configuration_manager, encoders: dict[str, str] | None = None,
@@ -139,6 +148,12 @@ class TextGuidedTrainer(nnUNetTrainer):
         check_and_record_encoders(settings)
         builder = NETWORK_BUILDERS[settings["method"]]
         return builder(settings, backbone, plans_manager, configuration_manager, num_input_channels)
+
+    def all_case_identifiers(self) -> list[str]:
+        """Every case of the configuration's preprocessed data."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        folder = self.preprocessed_dataset_folder
+        return sorted(infer_dataset_class(folder).get_identifiers(folder))
 
     def bare_network(self) -> torch.nn.Module:
         """The network without torch.compile / DDP wrappers."""
@@ -170,7 +185,8 @@ class TextGuidedTrainer(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint (same keys) plus ``training_only_weights``, written atomically: an interrupted
-        save leaves the previous checkpoint intact instead of a truncated file."""
+        save leaves the previous checkpoint intact instead of a truncated file. The dict mirrors
+        nnUNetTrainer.save_checkpoint of nnunetv2 2.8.1: compare it when nnU-Net is upgraded."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -202,12 +218,20 @@ class TextGuidedTrainer(nnUNetTrainer):
         saved = checkpoint["init_args"]["plans"]["configurations"][self.configuration_name].get("textguided", {})
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         compare_encoder_records(saved.get("encoders", {}), self.textguided.get("encoders", {}), str(where))
+        changed = sorted(k for k in set(saved) | set(self.textguided)
+                         if k != "encoders" and saved.get(k) != self.textguided.get(k))
+        if changed:
+            raise RuntimeError(f"{where} was trained with other settings for {', '.join(changed)} ("
+                               + "; ".join(f"{k}: {saved.get(k)!r} -> {self.textguided.get(k)!r}" for k in changed)
+                               + "). Resume with the same nnUNet_textguided_* environment variables, or start a "
+                               "new training.")
         if self.training_only is not None:
             if "training_only_weights" not in checkpoint:
                 raise RuntimeError(f"{where} has no training_only_weights (the {type(self).__name__} losses' own "
                                    "modules): it was not written by this trainer; start a new training")
             self.training_only.load_state_dict(checkpoint["training_only_weights"])
-        super().load_checkpoint(checkpoint)
+        # nnU-Net 2.8.1's load_checkpoint only works with a file name (given a dict, it never binds it)
+        super().load_checkpoint(filename_or_checkpoint)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)

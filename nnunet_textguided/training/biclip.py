@@ -80,12 +80,6 @@ def build_biclip_network(settings, backbone, plans_manager, configuration_manage
 class BiCLIPTrainer(TextGuidedTrainer):
     """BiCLIP Net4 (both streams), online conditioning: exact under stock nnUNetv2_predict."""
 
-    @classmethod
-    def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
-        if len(configuration_manager.patch_size) != 3:
-            raise ValueError(f"{cls.__name__}: BiCLIP is a 3D method; configuration '{configuration}' has a "
-                             "2D patch. Train a 3d configuration (3d_fullres, 3d_tiny).")
-
     textguided_method = "biclip"
     streams: tuple[str, ...] = ("image", "caption")
     mode = "online"
@@ -197,9 +191,6 @@ class BiCLIPTrainer_offline(BiCLIPTrainer):
                         "weight_hash": s["encoders"][stream.encoder].get("weight_hash")}
             out.append((stream, EmbeddingStore(self.preprocessed_dataset_folder, f"slices_{stream.name}", identity)))
         return out
-
-    def all_case_identifiers(self) -> list[str]:
-        return sorted(infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(self.preprocessed_dataset_folder))
 
     def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
         """Compute missing or stale per-slice tables. Returns counts {'computed', 'skipped'}."""

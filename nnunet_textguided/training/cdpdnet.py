@@ -116,12 +116,6 @@ def build_cdpdnet_network(settings, backbone, plans_manager, configuration_manag
 class CDPDNetTrainer(TextGuidedTrainer):
     """CDPDNet: CLIP-EVA text alignment + DINOv2 dense features + TTPG task prompts, partial-label loss."""
 
-    @classmethod
-    def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
-        if len(configuration_manager.patch_size) != 3:
-            raise ValueError(f"{cls.__name__}: CDPDNet is a 3D method; configuration '{configuration}' has a "
-                             "2D patch. Train a 3d configuration (3d_fullres, 3d_tiny).")
-
     textguided_method = "cdpdnet"
     #: trains on universal datasets (``nnunet-textguided merge``): label vocabulary and tasks in dataset.json
     universal = True

@@ -23,11 +23,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from tqdm import tqdm
 
 from ..conditioning.notes import NoteConditioner, NoteError, encode_notes, note_path, note_sha256, pack_note, \
-    read_note, unpack_note
+    read_notes, unpack_note
 from ..conditioning.store import EmbeddingStore
 from .base import TextGuidedTrainer, check_and_record_encoders
 
@@ -47,13 +46,8 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         # lesion and would make the note wrong; patches keep their place in the image
         self.oversample_foreground_percent = 0.0
 
-    @classmethod
-    def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
-        patch = configuration_manager.patch_size
-        if len(patch) != 2:
-            raise ValueError(f"{cls.__name__} segments 2D images with one note per image; configuration "
-                             f"'{configuration}' has a {len(patch)}D patch {list(patch)}. Train a 2d configuration "
-                             "(2d, 2d_tiny, 2d_reclmis_paper).")
+    spatial_dims = 2  # one note per 2D image
+    configuration_hint = "2d, 2d_tiny, 2d_reclmis_paper"
 
     @classmethod
     def note_settings(cls, encoders: dict[str, str] | None = None) -> dict:
@@ -67,7 +61,10 @@ class NoteGuidedTrainer(TextGuidedTrainer):
     # -- the note store -----------------------------------------------------------------------------------
     def notes_folder(self) -> str:
         from nnunetv2.paths import nnUNet_raw
-        return os.path.join(nnUNet_raw or "", self.plans_manager.dataset_name, "imagesTr")
+        if nnUNet_raw is None:
+            raise NoteError("nnUNet_raw is not set: the training notes are read from "
+                            f"$nnUNet_raw/{self.plans_manager.dataset_name}/imagesTr/<CASE>.txt")
+        return os.path.join(nnUNet_raw, self.plans_manager.dataset_name, "imagesTr")
 
     def note_store(self) -> EmbeddingStore:
         s = self.textguided
@@ -75,23 +72,10 @@ class NoteGuidedTrainer(TextGuidedTrainer):
                     "weight_hash": s["encoders"][s["text_encoder"]].get("weight_hash")}
         return EmbeddingStore(self.preprocessed_dataset_folder, "notes", identity)
 
-    def all_case_identifiers(self) -> list[str]:
-        return sorted(infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
-            self.preprocessed_dataset_folder))
-
     def read_training_notes(self, cases: list[str]) -> dict[str, str]:
         """{case: note} from the raw dataset; one error listing every case without a usable note."""
-        folder, notes, problems = self.notes_folder(), {}, []
-        for c in cases:
-            try:
-                notes[c] = read_note(note_path(folder, c))
-            except NoteError as e:
-                problems.append(str(e))
-        if problems:
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise NoteError(f"{len(problems)} of {len(cases)} training cases have no usable note: "
-                            + "; ".join(problems[:3]) + more)
-        return notes
+        folder = self.notes_folder()
+        return read_notes({c: note_path(folder, c) for c in cases}, "training cases")
 
     def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
         """Encode missing or changed notes into the store. Returns counts {'computed', 'skipped'}."""

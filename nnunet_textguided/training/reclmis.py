@@ -50,6 +50,7 @@ from .notes import NoteGuidedTrainer
 PAPER_OPEN_CHOICES = {"num_heads": 4, "dropout": 0.1, "reconstructor_layers": 3, "reconstructor_ffn": 1024,
                       "image_mask_rate": 0.5, "text_mask_rate": 0.3, "temperature": 0.01, "ci_image_reads": "text"}
 LOSS_WEIGHTS = {"cvr": 1.0, "clr": 1.0, "ccl": 0.2, "seg": 5.0}
+AUX_LOSSES = ("cvr", "clr", "ccl")
 
 
 def token_dim(settings: dict) -> int:
@@ -78,7 +79,7 @@ def build_reclmis_network(settings, backbone, plans_manager, configuration_manag
     net = RecLMIS(num_input_channels, num_classes, token_dim(settings), features=tuple(kw["features_per_stage"]),
                   strides=stage_strides(configuration_manager), patch_size=tuple(configuration_manager.patch_size),
                   num_heads=settings["num_heads"], dropout=settings["dropout"],
-                  image_reads=settings.get("ci_image_reads", "text_ci"))
+                  image_reads=settings.get("ci_image_reads", "text"))
     net.set_conditioner(NoteConditioner(settings["text_encoder"], settings["max_tokens"], token_dim(settings)))
     return net
 
@@ -138,7 +139,10 @@ class RecLMISTrainer(NoteGuidedTrainer):
         return {"method": "reclmis", **cls.note_settings(encoders), **PAPER_OPEN_CHOICES, "loss_weights": weights}
 
     @classmethod
-    def build_training_only_modules(cls, settings: dict, network: torch.nn.Module) -> torch.nn.Module:
+    def build_training_only_modules(cls, settings: dict, network: torch.nn.Module) -> torch.nn.Module | None:
+        """The training-only modules, or None when every auxiliary loss is switched off (RecLMISTrainer_CI)."""
+        if not any(settings["loss_weights"][k] for k in AUX_LOSSES):
+            return None
         return RecLMISAuxiliary(network.bottleneck_channels, network.text_dim, num_heads=settings["num_heads"],
                                 layers=settings["reconstructor_layers"], ffn_dim=settings["reconstructor_ffn"],
                                 image_mask_rate=settings["image_mask_rate"], text_mask_rate=settings["text_mask_rate"],
@@ -147,16 +151,26 @@ class RecLMISTrainer(NoteGuidedTrainer):
 
     # -- nnU-Net hooks ------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        self.training_only = self.build_training_only_modules(self.textguided, self.bare_network()).to(self.device)
-        params = list(self.network.parameters()) + list(self.training_only.parameters())
+        if self.is_ddp:  # the custom step below runs the bare network and the training-only modules
+            raise RuntimeError(f"{type(self).__name__} trains on one GPU (or the CPU) for now: its training step "
+                               "does not synchronise gradients across DDP processes; run without -num_gpus")
+        self.training_only = self.build_training_only_modules(self.textguided, self.bare_network())
+        params = list(self.network.parameters())
+        if self.training_only is not None:
+            self.training_only = self.training_only.to(self.device)
+            params += list(self.training_only.parameters())
         optimizer = torch.optim.Adam(params, lr=self.initial_lr)  # the authors' Adam has no weight decay
         return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # a single output
 
-    def _trainable_parameters(self):
-        return list(self.network.parameters()) + list(self.training_only.parameters())
+    def _clip_gradients(self) -> None:
+        # nnU-Net's clipping of the network at norm 12, and of the training-only modules on their own: a joint
+        # norm would let the reconstructors' gradients shrink the segmentation network's steps
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if self.training_only is not None:
+            torch.nn.utils.clip_grad_norm_(self.training_only.parameters(), 12)
 
     def train_step(self, batch: dict) -> dict:
         with self.case_notes(batch["keys"]):
@@ -169,22 +183,24 @@ class RecLMISTrainer(NoteGuidedTrainer):
         target = target.to(self.device, non_blocking=True)
         net, w = self.bare_network(), self.weights
         self.optimizer.zero_grad(set_to_none=True)
-        self.training_only.train()
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             x, cond = net.condition(data)
             logits, features = net.forward_features(x, cond["tokens"], cond["mask"])
             seg = 0.5 * self.loss(logits, target)  # the authors' 0.5 Dice + 0.5 BCE
-            aux = self.training_only(features) if any(w[k] for k in ("cvr", "clr", "ccl")) else {}
-            total = w["seg"] * seg + sum(w[k] * aux[k] for k in aux)
+            aux = {}
+            if self.training_only is not None:
+                self.training_only.train()
+                aux = {k: v for k, v in self.training_only(features).items() if w[k]}
+            total = w["seg"] * seg + sum(w[k] * v for k, v in aux.items())
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), 12)
+            self._clip_gradients()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
-            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), 12)
+            self._clip_gradients()
             self.optimizer.step()
         self._components.append({"seg": float(seg.detach()), **{k: float(v.detach()) for k, v in aux.items()}})
         return {"loss": total.detach().cpu().numpy()}

@@ -33,7 +33,7 @@ def test_stored_note_tokens_equal_what_the_predictor_computes_for_the_same_note(
     predictor.network, predictor.dataset_json = trainer.network, trainer.dataset_json
     files = _case_files(referring_dataset / "imagesTr")
     cases = sorted(files)[:4]
-    for case, tokens, mask in predictor.read_case_notes([files[c] for c in cases]):
+    for case, (tokens, mask) in zip(cases, predictor.read_case_notes([files[c] for c in cases])):
         stored_tokens, stored_mask = unpack_note(store.load(case))
         assert torch.equal(tokens[0], stored_tokens) and torch.equal(mask[0], stored_mask)
         assert 4 < int(mask.sum()) < trainer.textguided["max_tokens"]  # not truncated: the position words survive
@@ -107,3 +107,48 @@ def test_checkpoint_holds_the_inference_graph_as_network_weights_and_the_rest_ap
         trainer.plans_manager, trainer.configuration_manager, 1, trainer.label_manager.num_segmentation_heads, False)
     fresh.load_state_dict(ck["network_weights"], strict=True)
     assert not [t for t in tmp_path.iterdir() if t.name.startswith(".")]  # atomic write left no temp file
+
+
+def test_resume_restores_training_only_weights_and_refuses_changed_settings(trainer, tmp_path):
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    saved = {k: v.clone() for k, v in trainer.training_only.state_dict().items()}
+    with torch.no_grad():
+        for p in trainer.training_only.parameters():
+            p.add_(1.0)
+    trainer.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.training_only.state_dict().items())
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    ck["init_args"]["plans"]["configurations"]["2d_tiny"]["textguided"]["max_tokens"] = 10
+    torch.save(ck, tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match=r"max_tokens: 10 -> 18.*nnUNet_textguided_"):
+        trainer.load_checkpoint(str(tmp_path / "other.pth"))
+
+
+def test_final_validation_gives_each_case_its_own_note(trainer):
+    from nnunet_textguided.training.notes import _NoteSettingDatasetClass
+    seen = {}
+
+    class FakeDataset:
+        def __init__(self, folder, keys, **kwargs):
+            self.identifiers = keys
+
+        def load_case(self, key):
+            return key
+
+    def on_load(key):
+        trainer.set_case_notes([key])
+        seen[key] = trainer.note_conditioner().tokens[0].clone()
+
+    dataset = _NoteSettingDatasetClass(FakeDataset, on_load)("folder", ["referring_002", "referring_005"])
+    for k in dataset.identifiers:
+        assert dataset.load_case(k) == k
+        assert torch.equal(trainer.note_conditioner().tokens[0], unpack_note(trainer.note_store().load(k))[0])
+    assert not torch.equal(seen["referring_002"], seen["referring_005"])
+    trainer.note_conditioner().set_notes(None)
+
+
+def test_the_ci_only_ablation_builds_no_training_only_modules(trainer):
+    from nnunet_textguided.training.reclmis import RecLMISTrainer_CI
+    settings = dict(trainer.textguided, loss_weights=dict(RecLMISTrainer_CI.loss_weights))
+    assert RecLMISTrainer_CI.build_training_only_modules(settings, trainer.network) is None
+    assert type(trainer).build_training_only_modules(trainer.textguided, trainer.network) is not None
