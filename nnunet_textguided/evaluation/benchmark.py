@@ -289,7 +289,8 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
     _, cm0 = setup.managers()
     batch = batch or cm0.batch_size
     lines = [f"Machine: {machine_description(setup.device)}",
-             f"Preset {preset}: patch {'x'.join(map(str, cm0.patch_size))}, batch {batch}; one phantom case "
+             f"Preset {preset}: patch {'x'.join(map(str, cm0.patch_size))}, batch {batch}; one "
+             f"{'referring image (with its note)' if len(cm0.patch_size) == 2 else 'phantom case'} "
              f"{'x'.join(map(str, setup.volume.shape[1:]))}; medians of {repeats} (train) / {predict_repeats} "
              "(predict) runs; nnUNetTrainer = nnU-Net's plain network of these plans "
              f"({cm0.network_arch_class_name.rsplit('.', 1)[-1]}), no conditioning", ""]

@@ -4,6 +4,7 @@
 |----------------------|-------------------------------------------------------------------------------------|
 | RecLMISTrainer       | UNet + PLAM, frozen text tokens -> Conv1d, CI; losses 1 CVR + 1 CLR + 0.2 CCL + 5 seg |
 | RecLMISTrainer_CI    | ablation: CI only (no CVR / CLR / CCL: the auxiliary losses' weights are 0)        |
+| RecLMISTrainer_authorsCI | CI as the authors' code has it (V' attends to E', not to the note tokens)       |
 
 Network (``networks.reclmis.RecLMIS``, the inference graph): the LViT-style UNet with PLAM on the skips, widths
 and pooling from the configuration (``2d_reclmis_paper``: 224 x 224, 64..512; ``2d_tiny`` for CPU tests), the
@@ -108,6 +109,8 @@ class RecLMISTrainer(NoteGuidedTrainer):
     """RecLMIS: UNet + PLAM, note tokens -> CI, training-only CVR/CLR reconstructors and CCL (one note per image)."""
     textguided_method = "reclmis"
     loss_weights: dict[str, float] = LOSS_WEIGHTS
+    #: "text": CI as the paper writes it (V' attends to the note tokens); "text_ci": as the authors' code
+    ci_image_reads = "text"
 
     paper_preset = "2d_reclmis_paper"
     paper_encoders = {"text": "openclip:ViT-B-32@openai"}
@@ -136,7 +139,8 @@ class RecLMISTrainer(NoteGuidedTrainer):
                 raise ValueError(f"nnUNet_textguided_loss_weights={env!r}: give four non-negative numbers "
                                  "'CVR,CLR,CCL,SEG' (paper: 1,1,0.2,5)") from None
             weights = dict(zip(("cvr", "clr", "ccl", "seg"), values))
-        return {"method": "reclmis", **cls.note_settings(encoders), **PAPER_OPEN_CHOICES, "loss_weights": weights}
+        return {"method": "reclmis", **cls.note_settings(encoders), **PAPER_OPEN_CHOICES,
+                "ci_image_reads": cls.ci_image_reads, "loss_weights": weights}
 
     @classmethod
     def build_training_only_modules(cls, settings: dict, network: torch.nn.Module) -> torch.nn.Module | None:
@@ -218,7 +222,12 @@ class RecLMISTrainer_CI(RecLMISTrainer):
     loss_weights = {"cvr": 0.0, "clr": 0.0, "ccl": 0.0, "seg": 5.0}
 
 
-BASE_TRAINERS = [RecLMISTrainer, RecLMISTrainer_CI]
+class RecLMISTrainer_authorsCI(RecLMISTrainer):
+    """RecLMIS with CI as in the authors' code: V' attends to E' (the note after attending to the image)."""
+    ci_image_reads = "text_ci"
+
+
+BASE_TRAINERS = [RecLMISTrainer, RecLMISTrainer_CI, RecLMISTrainer_authorsCI]
 # short schedules: _2epochs for smoke tests, _40epochs for the demo-size runs; _30epochs (30 x 50) for the
 # text-dependence test on the synthetic referring dataset
 SHORT_TRAINERS = [short_schedule(t, e, it, vit, mirror_axes=()) for t in BASE_TRAINERS
