@@ -218,8 +218,9 @@ class ConditionedInteraction(nn.Module):
       III-E keeps at inference ("visual encoder, visual decoder, and text-to-vision encoder in the CI module").
     - ``"text_ci"`` (the authors' ``Interactor``): V' attends to E' instead, so E' is part of the inference graph.
       Then the values V' mixes are summaries of the image (E' is attention over V_emb), and the note only
-      reaches the decoder through attention weights: on the synthetic referring dataset this variant learns to
-      ignore the note (Dice with shuffled notes = with true notes), the paper's variant does not.
+      reaches the decoder through attention weights. On the synthetic referring dataset (500 images, 2d_tiny,
+      3000 iterations) this variant sat at the vision-only Dice (~0.49) for 7 of 12 epochs and reached 0.65
+      with true notes (0.24 shuffled); the paper's variant left it after 2 epochs and reached 0.99 (0.00).
     """
 
     def __init__(self, dim: int, grid: tuple[int, int], num_heads: int = 4, dropout: float = 0.1,

@@ -46,8 +46,8 @@ from .notes import NoteGuidedTrainer
 #: - image mask rate 0.5 (QaTa in the paper; 0.3 in the MosMed code config), text mask rate 0.3;
 #: - CI as the paper writes it: V' attends to the text features E (eq. 1's counterpart, Sec. III-B1) and E' only
 #:   feeds W_woi, so it is training-only (Sec. III-E keeps just the text-to-vision encoder at inference). The
-#:   authors' code lets V' attend to E' instead ("text_ci"), which leaves the note no direct path to the
-#:   decoder: on the referring dataset that variant ignores the note (networks/reclmis.py).
+#:   authors' code lets V' attend to E' instead ("text_ci", RecLMISTrainer_authorsCI), which leaves the note no
+#:   direct path to the decoder and learns the referring task far more slowly (networks/reclmis.py).
 PAPER_OPEN_CHOICES = {"num_heads": 4, "dropout": 0.1, "reconstructor_layers": 3, "reconstructor_ffn": 1024,
                       "image_mask_rate": 0.5, "text_mask_rate": 0.3, "temperature": 0.01, "ci_image_reads": "text"}
 LOSS_WEIGHTS = {"cvr": 1.0, "clr": 1.0, "ccl": 0.2, "seg": 5.0}
