@@ -126,12 +126,18 @@ class TextGuidedPredictor(nnUNetPredictor):
             yield item
         cond.set_notes(None)
 
-    def predict_from_files_sequential(self, *args, **kwargs):
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder,
+                                      output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str = None):
         """nnU-Net's sequential path (-npp 0 -nps 0): cases are predicted in list order, one call of
-        ``predict_logits_from_preprocessed_data`` each, which takes the next note."""
+        ``predict_logits_from_preprocessed_data`` each, which takes the next note. (Same signature as nnU-Net's:
+        it records its own arguments by inspecting this method's signature.)"""
         self._sequential = True
         try:
-            return super().predict_from_files_sequential(*args, **kwargs)
+            return super().predict_from_files_sequential(
+                list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files, save_probabilities,
+                overwrite, folder_with_segs_from_prev_stage)
         finally:
             self._sequential = False
             self.__dict__.pop("_case_notes", None)

@@ -32,7 +32,10 @@ def test_tiny_counts_match_the_network_nnunet_trains(trainer):
     cm.configuration["textguided"] = trainer.settings_for(pm, cm, dataset_json=dataset_json)
     heads = pm.get_label_manager(dataset_json).num_segmentation_heads
     net = trainer.build_network_architecture(pm, cm, 1, heads, False)  # what nnUNetv2_train builds
-    assert report.trainable == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    extra = trainer.build_training_only_modules(cm.configuration["textguided"], net)  # optimised beside it
+    n_extra = numel(extra) if extra is not None else 0
+    assert report.trainable == sum(p.numel() for p in net.parameters() if p.requires_grad) + n_extra
+    assert report.training_only >= n_extra
     assert report.patch_size == list(cm.patch_size)
     assert report.trainable - report.training_only + report.frozen_in_network == numel(net)
     specs = cm.configuration["textguided"]["encoders"]
