@@ -38,6 +38,8 @@ class NoteGuidedTrainer(TextGuidedTrainer):
     max_tokens = 18
     tiny_preset = "2d_tiny"
     mirror_axes_override = ()  # see configure_rotation_dummyDA_mirroring_and_inital_patch_size
+    spatial_dims = 2  # one note per 2D image
+    configuration_hint = "2d, 2d_tiny, 2d_reclmis_paper"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -45,9 +47,6 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         # notes name positions ("lower right lung"): nnU-Net's foreground oversampling re-centres a patch on the
         # lesion and would make the note wrong; patches keep their place in the image
         self.oversample_foreground_percent = 0.0
-
-    spatial_dims = 2  # one note per 2D image
-    configuration_hint = "2d, 2d_tiny, 2d_reclmis_paper"
 
     @classmethod
     def note_settings(cls, encoders: dict[str, str] | None = None) -> dict:
