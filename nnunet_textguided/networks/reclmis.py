@@ -109,14 +109,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses.reclmis import conditioned_contrastive_loss, weighted_reconstruction_loss
+from .blocks.attention import ConditionedAttention, conditioned_attention  # noqa: F401 (re-exported)
 from .blocks.plam import PLAM
 from .conditioned import ConditionedNetwork
 
 __all__ = ["RecLMIS", "RecLMISAuxiliary", "ConditionedInteraction", "RecLMISDecoder", "ConditionedAttention",
            "ConditionedReconstructor", "conditioned_attention", "sample_interest_mask"]
-
-#: added to W before its log (the authors' ``gauss_weight + 1e-10``): items of zero interest keep a tiny weight
-CONDITION_EPS = 1e-10
 
 
 def _stride_pair(stride, stage: int) -> tuple[int, int]:
@@ -339,55 +337,6 @@ class RecLMIS(ConditionedNetwork):
 
 
 # ---------------------------------------------------------------------------------------------------- training-only
-
-def conditioned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor | None = None,
-                          key_valid: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """Conditioned scaled dot-product attention (eq. 7 / 9): q (B, h, Lq, d_h), k, v (B, h, Lk, d_h),
-    weights W (B, Lk) over the keys, key_valid (B, Lk) bool -> (B, h, Lq, d_h).
-
-    A = softmax(q k^T / sqrt(d_h)) * (W + 1e-10), each row renormalised to sum 1
-      = softmax(q k^T / sqrt(d_h) + log(W + 1e-10)),
-    run by ``F.scaled_dot_product_attention`` with that additive mask. Keys with key_valid False and, with
-    ``causal``, keys after the query are -inf (weight exactly 0); a row left without any key falls back to
-    uniform attention over its unmasked scores, so the output is never NaN.
-    """
-    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
-    bias = torch.zeros(b, 1, lq, lk, device=q.device, dtype=torch.float32)
-    if weights is not None:
-        # in float32: 1e-10 underflows in half precision
-        bias = bias + torch.log(weights.float() + CONDITION_EPS)[:, None, None, :]
-    if key_valid is not None:
-        bias = bias.masked_fill(~key_valid.to(torch.bool)[:, None, None, :], float("-inf"))
-    if causal:
-        future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1)
-        bias = bias.masked_fill(future, float("-inf"))
-    bias = bias.masked_fill(torch.isinf(bias).all(-1, keepdim=True), 0.0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-
-
-class ConditionedAttention(nn.Module):
-    """Multi-head attention with an optional condition W on the keys: query (B, Lq, d), context (B, Lk, d)
-    -> (B, Lq, d). Projections with bias (4 d^2 + 4 d parameters, as the authors' in_proj + out_proj); no
-    attention dropout (theirs is 0)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, query, context, weights=None, key_valid=None, causal: bool = False) -> torch.Tensor:
-        b, lq, d = query.shape
-        h = self.num_heads
-
-        def heads(t):
-            return t.reshape(b, t.shape[1], h, d // h).transpose(1, 2)
-
-        out = conditioned_attention(heads(self.q(query)), heads(self.k(context)), heads(self.v(context)), weights,
-                                    key_valid, causal)
-        return self.out(out.transpose(1, 2).reshape(b, lq, d))
-
 
 class ConditionedDecoderLayer(nn.Module):
     """The authors' ``TransformerDecoderLayer`` (post-LN): x (B, Lq, d) -> (B, Lq, d).

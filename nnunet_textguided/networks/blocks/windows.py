@@ -1,4 +1,5 @@
-"""Window (Swin-style) attention over a 3D token grid fixed at construction: nnFormer's blocks, CDPDNet's fusion.
+"""Window (Swin-style) attention over a 3D token grid fixed at construction: nnFormer's blocks, CDPDNet's fusion,
+the spatial aggregation of the CAT-Seg-style cost decoder (a 2D map is grid (1, H, W), window (1, w, w)).
 
 Tokens are (B, N, C), N = D*H*W of ``grid`` in (d, h, w) raster order. A window is clamped to the grid per
 axis; an axis the window covers is not shifted; partial windows are zero-padded (padded tokens take part
@@ -10,6 +11,8 @@ masked (-100) across the wrapped-around border.
 - ``"skip"``: nnFormer's skip attention: k, v = Linear(x) (``kv``), q = the external query tensor, used
   without projection.
 - ``"cross"``: q = Linear(query) (``q``), k, v = Linear(x) (``kv``) — CDPDNet's DINOv2 -> CNN fusion (Eq. 5).
+- ``"guided"``: q, k = Linear([x, query]) (``q``, ``k``, input width C + guidance_dim), v = Linear(x) (``v``) —
+  CAT-Seg's appearance-guided spatial aggregation, the query tensor being the guidance map.
 
 Relative-position index (``index``): ``"nnformer"`` is nnFormer's own (not injective; its checkpoints depend
 on it), ``"swin"`` Swin's injective mixed-radix index (the one ``RelativePositionBias3d`` computes). The table
@@ -23,12 +26,13 @@ from torch import nn
 
 from .attention import DropPath
 
-__all__ = ["MLP_RATIO", "Mlp", "WindowAttention", "WindowedBlock", "CrossWindowBlock", "relative_position_index",
+__all__ = ["MLP_RATIO", "Mlp", "WindowAttention", "WindowedBlock", "CrossWindowBlock", "GuidedWindowBlock",
+           "relative_position_index",
            "volume_to_tokens", "tokens_to_volume", "window_and_shift", "shift_mask", "partition", "merge"]
 
 MLP_RATIO = 4
 INDEX_KINDS = ("nnformer", "swin")
-ATTENTION_MODES = ("self", "skip", "cross")
+ATTENTION_MODES = ("self", "skip", "cross", "guided")
 
 
 def volume_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -81,13 +85,14 @@ class WindowAttention(nn.Module):
         dim: C, channels of the tokens (queries have the same width).
         window: (wd, wh, ww) after clamping to the grid.
         num_heads: heads; C must be divisible by it.
-        mode: ``"self"`` | ``"skip"`` | ``"cross"`` (module docstring).
+        mode: ``"self"`` | ``"skip"`` | ``"cross"`` | ``"guided"`` (module docstring).
         qkv_bias: bias of the q/k/v projections (the output projection always has one).
         index: ``"nnformer"`` | ``"swin"`` relative-position index.
+        guidance_dim: channels of the guidance tokens (``"guided"`` only).
     """
 
     def __init__(self, dim: int, window: tuple[int, int, int], num_heads: int, mode: str = "self",
-                 qkv_bias: bool = True, index: str = "nnformer"):
+                 qkv_bias: bool = True, index: str = "nnformer", guidance_dim: int = 0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -97,6 +102,10 @@ class WindowAttention(nn.Module):
         self.mode = mode
         if mode == "self":
             self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        elif mode == "guided":
+            self.q = nn.Linear(dim + guidance_dim, dim, bias=qkv_bias)
+            self.k = nn.Linear(dim + guidance_dim, dim, bias=qkv_bias)
+            self.v = nn.Linear(dim, dim, bias=qkv_bias)
         else:
             if mode == "cross":
                 self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -117,12 +126,17 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, query: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B*nW, N, C) window tokens; query (B*nW, N, C) for "skip"/"cross"; mask (nW, N, N) additive
-        (0 / -100, shifted windows) or None -> (B*nW, N, C)."""
+        """x (B*nW, N, C) window tokens; query (B*nW, N, C) for "skip"/"cross", (B*nW, N, guidance_dim) for
+        "guided"; mask (nW, N, N) additive (0 / -100, shifted windows) or None -> (B*nW, N, C)."""
         bw, n, c = x.shape
         heads, hd = self.num_heads, c // self.num_heads
         if self.mode == "self":
             q, k, v = self.qkv(x).reshape(bw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        elif self.mode == "guided":
+            if query is None:
+                raise ValueError("guided attention needs a guidance tensor")
+            guided = torch.cat([x, query], dim=-1)
+            q, k, v = (t.reshape(bw, n, heads, hd).transpose(1, 2) for t in (self.q(guided), self.k(guided), self.v(x)))
         else:
             if query is None:
                 raise ValueError(f"{self.mode} attention needs a query tensor")
@@ -200,12 +214,13 @@ class WindowedBlock(nn.Module):
 
     def __init__(self, dim: int, grid, num_heads: int, window, shifted: bool = False, drop_path: float = 0.0,
                  shifted_window_mask: bool = True, mode: str = "self", qkv_bias: bool = True,
-                 index: str = "nnformer", mlp_ratio: int = MLP_RATIO):
+                 index: str = "nnformer", mlp_ratio: int = MLP_RATIO, guidance_dim: int = 0):
         super().__init__()
         self.grid = tuple(grid)
         self.window, self.shift = window_and_shift(self.grid, window, shifted)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, self.window, num_heads, mode=mode, qkv_bias=qkv_bias, index=index)
+        self.attn = WindowAttention(dim, self.window, num_heads, mode=mode, qkv_bias=qkv_bias, index=index,
+                                    guidance_dim=guidance_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
@@ -213,11 +228,12 @@ class WindowedBlock(nn.Module):
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def _attend(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised tokens (B, N, C) [+ normalised queries] -> windowed attention output (B, N, C)."""
+        """Normalised tokens (B, N, C) [+ normalised queries (B, N, C) or guidance (B, N, G)] -> windowed attention
+        output (B, N, C)."""
         b, n, c = x.shape
 
         def to_windows(t):
-            return partition(t.reshape(b, *self.grid, c), self.window, self.shift)
+            return partition(t.reshape(b, *self.grid, t.shape[-1]), self.window, self.shift)
 
         out = self.attn(to_windows(x), None if query is None else to_windows(query), self.attn_mask)
         return merge(out, self.window, self.shift, self.grid, b).reshape(b, n, c)
@@ -239,4 +255,23 @@ class CrossWindowBlock(WindowedBlock):
 
     def forward(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self._attend(self.norm1(x), self.norm1(query)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class GuidedWindowBlock(WindowedBlock):
+    """Swin block with appearance-guided (shifted-)window attention, CAT-Seg's spatial aggregation:
+    (x (B, N, C), guidance (B, N, G)) -> (B, N, C).
+
+    x = x + DropPath(Attn(q, k = Linear([LN1(x), guidance]), v = Linear(LN1(x)))); x = x + DropPath(MLP(LN2(x))).
+    The guidance is used as given: CAT-Seg normalises it once for the pair of blocks it feeds. Swin defaults:
+    Swin relative-position index, shift mask on.
+    """
+
+    def __init__(self, dim: int, guidance_dim: int, grid, num_heads: int, window, shifted: bool = False,
+                 drop_path: float = 0.0, qkv_bias: bool = True, index: str = "swin", mlp_ratio: int = MLP_RATIO):
+        super().__init__(dim, grid, num_heads, window, shifted, drop_path, shifted_window_mask=True, mode="guided",
+                         qkv_bias=qkv_bias, index=index, mlp_ratio=mlp_ratio, guidance_dim=guidance_dim)
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self._attend(self.norm1(x), guidance))
         return x + self.drop_path(self.mlp(self.norm2(x)))
