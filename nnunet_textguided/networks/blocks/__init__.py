@@ -1,9 +1,14 @@
 """Building blocks shared by the method networks (torch only)."""
 from .adapters import SliceEmbeddingAdapter
-from .attention import DropPath, GlobalSelfAttentionBlock, RelativePositionBias3d
+from .attention import (ConditionedAttention, DropPath, GlobalSelfAttentionBlock, RelativePositionBias3d,
+                        conditioned_attention, masked_mean)
+from .cost_aggregation import CostAggregationDecoder
+from .deformable import DeformableEncoder, MSDeformAttn, ms_deform_attn_core
 from .film import TextFiLM
 from .plam import PLAM
-from .windows import CrossWindowBlock, Mlp, WindowAttention, WindowedBlock
+from .windows import CrossWindowBlock, GuidedWindowBlock, Mlp, WindowAttention, WindowedBlock
 
-__all__ = ["SliceEmbeddingAdapter", "DropPath", "GlobalSelfAttentionBlock", "RelativePositionBias3d", "TextFiLM",
-           "PLAM", "CrossWindowBlock", "Mlp", "WindowAttention", "WindowedBlock"]
+__all__ = ["SliceEmbeddingAdapter", "ConditionedAttention", "DropPath", "GlobalSelfAttentionBlock",
+           "RelativePositionBias3d", "conditioned_attention", "masked_mean", "CostAggregationDecoder",
+           "DeformableEncoder", "MSDeformAttn", "ms_deform_attn_core", "TextFiLM", "PLAM", "CrossWindowBlock",
+           "GuidedWindowBlock", "Mlp", "WindowAttention", "WindowedBlock"]

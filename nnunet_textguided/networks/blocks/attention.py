@@ -134,3 +134,9 @@ class ConditionedAttention(nn.Module):
         out = conditioned_attention(heads(self.q(query)), heads(self.k(context)), heads(self.v(context)), weights,
                                     key_valid, causal)
         return self.out(out.transpose(1, 2).reshape(b, lq, d))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid tokens: (B, L, D), (B, L) bool -> (B, D); 0 for a sample without any valid token."""
+    w = mask.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)

@@ -20,17 +20,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
+def _shape_list(spatial_shapes) -> list[tuple[int, int]]:
+    """(L, 2) tensor or sequence of (H, W) -> python pairs (the encoder passes a list: no device sync, and meta
+    tensors for parameter counting have no values to read)."""
+    pairs = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
+    return [(int(h), int(w)) for h, w in pairs]
+
+
+def ms_deform_attn_core(value: torch.Tensor, spatial_shapes, sampling_locations: torch.Tensor,
                         attention_weights: torch.Tensor) -> torch.Tensor:
     """Bilinear multi-scale sampling and weighted sum.
 
     value (B, S, heads, head_dim), S = sum_l H_l*W_l, levels concatenated row-major; spatial_shapes (L, 2) long
-    (H_l, W_l); sampling_locations (B, Lq, heads, L, P, 2) as (x, y) in [0, 1] (outside reads zeros);
+    (H_l, W_l) or a list of (H_l, W_l); sampling_locations (B, Lq, heads, L, P, 2) as (x, y) in [0, 1] (outside reads zeros);
     attention_weights (B, Lq, heads, L, P). -> (B, Lq, heads*head_dim).
     """
     b, s, heads, head_dim = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = _shape_list(spatial_shapes)
     if sum(h * w for h, w in shapes) != s:
         raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, value has {s}")
     grids = 2 * sampling_locations - 1
@@ -75,9 +82,9 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
-                spatial_shapes: torch.Tensor, input_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                spatial_shapes, input_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """query (B, Lq, C); reference_points (B, Lq, L, 2) as (x, y) in [0, 1]; input_flatten (B, S, C);
-        spatial_shapes (L, 2) long (H, W); input_padding_mask (B, S), True = padding. -> (B, Lq, C)."""
+        spatial_shapes (L, 2) long (H, W) or a list of (H, W); input_padding_mask (B, S), True = padding. -> (B, Lq, C)."""
         b, lq, _ = query.shape
         s = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
@@ -88,9 +95,12 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).float().view(*shape, 2)
         weights = F.softmax(self.attention_weights(query).float().view(b, lq, self.n_heads, -1), -1).view(shape)
         # offsets are in pixels of each level: divide by (W_l, H_l) to move in normalised (x, y)
-        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-        locations = reference_points.float()[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None]
-        out = ms_deform_attn_core(value.float(), spatial_shapes, locations, weights).to(value.dtype)
+        shapes = _shape_list(spatial_shapes)
+        # divided by python numbers: a (W, H) tensor built here would cost a host-to-device copy (and sync) per call
+        offsets = torch.stack([torch.stack((offsets[:, :, :, lvl, :, 0] / w, offsets[:, :, :, lvl, :, 1] / h), -1)
+                               for lvl, (h, w) in enumerate(shapes)], 3)
+        locations = reference_points.float()[:, :, None, :, None, :] + offsets
+        out = ms_deform_attn_core(value.float(), shapes, locations, weights).to(value.dtype)
         return self.output_proj(out)
 
 
@@ -113,8 +123,8 @@ class DeformableEncoderLayer(nn.Module):
         nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """src, pos (B, S, C); reference_points (B, S, L, 2); spatial_shapes (L, 2). -> (B, S, C)."""
+                spatial_shapes, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src, pos (B, S, C); reference_points (B, S, L, 2); spatial_shapes (L, 2) or (H, W) pairs. -> (B, S, C)."""
         src = self.norm1(src + self.dropout1(self.self_attn(src + pos, reference_points, src, spatial_shapes,
                                                             padding_mask)))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
@@ -171,8 +181,7 @@ class DeformableEncoder(nn.Module):
             (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h, indexing="xy"), -1).reshape(-1, 2)
             for h, w in shapes])
         ref = ref[None, :, None].expand(b, -1, self.n_levels, -1)
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
         for layer in self.layers:
-            src = layer(src, pos, ref, spatial_shapes)
+            src = layer(src, pos, ref, shapes)
         return [m.transpose(1, 2).reshape(b, self.d_model, h, w)
                 for m, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)]
