@@ -136,6 +136,9 @@ class FrozenEncoder(nn.Module):
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, kind={self.kind!r}, embed_dim={self.embed_dim}, untrained={self.untrained}"
 
+    #: ``dense_tokens`` works (CLIP ViT image towers)
+    supports_dense_tokens = False
+
     def _unsupported(self, what: str):
         raise NotImplementedError(f"encoder kind '{self.kind}' (spec {self.spec!r}) does not support {what}")
 

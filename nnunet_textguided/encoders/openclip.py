@@ -29,7 +29,7 @@ from open_clip.coca_model import CoCa
 from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import TextTransformer, VisionTransformer
 
 from .base import OPENAI_MEAN, OPENAI_STD, EncoderSpecError, FrozenEncoder
 
@@ -105,6 +105,39 @@ class OpenClipEncoder(FrozenEncoder):
         # CLIP BPE: id 0 is both '!' and the pad id, so the mask ends at the (first) end token instead
         pos = torch.arange(ids.shape[1], device=ids.device)
         return x, pos[None] <= (ids == eot).int().argmax(-1, keepdim=True)
+
+    def dense_tokens(self, x01: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Dense CLIP features: (N, 3, H, W) in [0, 1] -> (N, E, g, g) float32, g = image_size / patch.
+
+        Every patch token of the last block through ``ln_post`` and the image projection — the tokens in CLIP's
+        joint image-text space that CAT-Seg builds its cost volume from (TGC-Net's F_clip), not normalised.
+        """
+        visual = self.model.visual
+        if not self.supports_dense_tokens:
+            self._unsupported("dense_tokens (its image tower is not a plain ViT)")
+
+        def run(xb):
+            x = self.preprocess_images(xb)
+            tokens = visual.forward_intermediates(x, indices=1, intermediates_only=True,
+                                                  output_fmt="NLC")["image_intermediates"][-1]
+            tokens = visual.ln_post(tokens)
+            if visual.proj is not None:
+                tokens = tokens @ visual.proj
+            g = x.shape[-1] // visual.patch_size[1]
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, g, g).float()
+
+        with torch.no_grad():
+            return torch.cat([run(x01[i:i + batch_size]) for i in range(0, x01.shape[0], batch_size)])
+
+    @property
+    def supports_dense_tokens(self) -> bool:
+        visual = self.model.visual
+        return isinstance(visual, VisionTransformer) and visual.attn_pool is None
+
+    @property
+    def patch_size(self) -> int | None:
+        p = getattr(self.model.visual, "patch_size", None)
+        return None if p is None else int(p[0] if isinstance(p, (tuple, list)) else p)
 
     def save(self, directory) -> str:
         """Write open_clip's ``local-dir:`` layout; returns ``openclip:local-dir:<dir>`` (``coca:`` for CoCa)."""

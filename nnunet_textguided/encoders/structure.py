@@ -81,6 +81,7 @@ class EncoderStructure:
     towers: dict[str, nn.Module]
     context_length: int | None
     runners: dict[str, Callable] = field(default_factory=dict, repr=False)
+    patch_size: int | None = None  # ViT image towers: the token grid is image_size // patch_size
 
     def num_parameters(self, towers: Iterable[str] | None = None) -> int:
         names = list(self.towers) if towers is None else list(towers)
@@ -142,10 +143,13 @@ def _openclip_structure(spec: str, kind: str, model_cfg: dict, generation: dict 
     runners = {"embed_images": lambda n, s, ctx: model.encode_image(_img(n, s)),
                "embed_texts": lambda n, s, ctx: model.encode_text(_ids(n, ctx))}
     runners["token_states"] = runners["embed_texts"]
+    runners["dense_tokens"] = runners["embed_images"]  # + the per-token projection (<1 %), not counted
     if generation is not None:
         runners["embed_captions"] = lambda n, s, ctx: _captions(model, generation, n, s, ctx)
+    patch = getattr(model.visual, "patch_size", None)
     return EncoderStructure(spec, kind, int(model_cfg["embed_dim"]), _side(model.visual.image_size), towers,
-                            int(model_cfg.get("text_cfg", {}).get("context_length", 77)), runners)
+                            int(model_cfg.get("text_cfg", {}).get("context_length", 77)), runners,
+                            None if patch is None else _side(patch))
 
 
 def _pmcclip_structure(spec: str, kind: str, config: dict) -> EncoderStructure:

@@ -309,3 +309,22 @@ def test_coca_beam_search(tiny):
     e = enc.embed_captions(x)
     assert e.shape == (5, 32) and not e.requires_grad
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(5))
+
+
+def test_clip_dense_tokens_are_the_last_blocks_patch_tokens_in_the_joint_space(tiny, saved, offline):
+    """TGC-Net's F_clip: every patch token of the last block through ln_post and the projection; the real loader
+    (an open_clip local-dir saved from the tiny model) gives the same tokens."""
+    enc, x = tiny["tiny-clip"], images(3)
+    assert enc.supports_dense_tokens and enc.patch_size == 8
+    t = enc.dense_tokens(x, batch_size=2)
+    g = enc.image_size // enc.patch_size
+    assert t.shape == (3, enc.embed_dim, g, g) and t.dtype == torch.float32
+    v = enc.model.visual
+    with torch.no_grad():
+        ref = v.ln_post(v.transformer(v._embeds(enc.preprocess_images(x)))[:, 1:]) @ v.proj
+    torch.testing.assert_close(t, ref.transpose(1, 2).reshape(3, -1, g, g))
+    torch.testing.assert_close(load_encoder(saved["tiny-clip"]).dense_tokens(x), t)
+    for kind in ("tiny-coca", "tiny-pmcclip", "tiny-dinov2"):  # attention-pooled / CNN / not open_clip
+        assert not tiny[kind].supports_dense_tokens
+    with pytest.raises(NotImplementedError, match="dense_tokens"):
+        tiny["tiny-coca"].dense_tokens(x)
