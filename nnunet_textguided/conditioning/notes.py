@@ -10,6 +10,12 @@ cropped or zero-padded to ``max_tokens`` (18 in RecLMIS for QaTa-COV19/MosMedDat
 mask of the real tokens. In the store one case is one (max_tokens, D + 1) float32 array: the states and, in the
 last column, the mask (1/0).
 
+Auxiliary notes (TGC-Net's DATE): ``<CASE>.aux.txt`` beside the note, optional per case. A conditioner built with
+``aux=True`` takes (note, auxiliary note or None) pairs: both are encoded the same way and stacked along the
+token axis, (2 * max_tokens, D + 1) in the store; a missing auxiliary note is all-zero states with an all-False
+mask. The store keys such a case by the sha256 of both texts, so adding, editing or deleting an auxiliary note
+recomputes the case.
+
 Networks get the note of each sample through a :class:`NoteConditioner` (unregistered, like every conditioner:
 not in checkpoints or the optimizer): the trainer sets the batch's notes from its case keys before each step, the
 predictor sets the case's note before the sliding window. A forward without notes stops with the name of the
@@ -27,6 +33,7 @@ import torch
 from .slices import get_encoder
 
 NOTE_SUFFIX = ".txt"
+AUX_SUFFIX = ".aux.txt"
 
 
 class NoteError(ValueError):
@@ -40,6 +47,10 @@ class NotesRequiredError(Exception):
 
 def note_path(folder: str | os.PathLike, case: str) -> Path:
     return Path(folder) / f"{case}{NOTE_SUFFIX}"
+
+
+def aux_note_path(folder: str | os.PathLike, case: str) -> Path:
+    return Path(folder) / f"{case}{AUX_SUFFIX}"
 
 
 def read_note(path: str | os.PathLike) -> str:
@@ -75,8 +86,27 @@ def read_notes(paths: dict[str, str | os.PathLike], what: str = "cases") -> dict
     return notes
 
 
-def note_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def read_case_notes(paths: dict[str, str | os.PathLike], aux: bool = False, what: str = "cases") -> dict:
+    """{case: note} (``aux``: {case: (note, auxiliary note or None)}) for {case: note file}. Notes are required
+    (``read_notes``); an auxiliary note ``<CASE>.aux.txt`` is optional, but one that exists must be usable."""
+    notes = read_notes(paths, what)
+    if not aux:
+        return notes
+    aux_paths = {c: aux_note_path(Path(p).parent, c) for c, p in paths.items()}
+    try:
+        present = read_notes({c: p for c, p in aux_paths.items() if p.is_file()}, f"auxiliary notes of {what}")
+    except NoteError as e:
+        raise NoteError(f"{e}. Auxiliary notes are optional: fill such a file or delete it") from None
+    return {c: (notes[c], present.get(c)) for c in paths}
+
+
+def note_sha256(note: str | tuple[str, str | None]) -> str:
+    """Store key of a case's note; (note, auxiliary) pairs hash both (a pair without auxiliary hashes like the
+    note alone)."""
+    if isinstance(note, tuple):
+        text, extra = note
+        note = text if extra is None else f"{text}\x00aux\x00{extra}"
+    return hashlib.sha256(note.encode("utf-8")).hexdigest()
 
 
 def encode_notes(spec: str, texts: list[str], max_tokens: int, device: torch.device | str = "cpu"
@@ -100,11 +130,12 @@ class NoteConditioner:
     """x -> (x, {"tokens": (B, L, D), "mask": (B, L)}) from the notes set for the current batch or case.
 
     ``set_notes`` takes one note per sample of the coming batch, or a single note (first dimension 1) that is
-    used for every patch of a case (sliding window, mirroring).
+    used for every patch of a case (sliding window, mirroring). With ``aux`` the notes set are (B, 2L, D) (note,
+    then auxiliary note) and the output adds ``"aux_tokens"`` and ``"aux_mask"``.
     """
 
-    def __init__(self, spec: str, max_tokens: int, token_dim: int):
-        self.spec, self.max_tokens, self.token_dim = spec, int(max_tokens), int(token_dim)
+    def __init__(self, spec: str, max_tokens: int, token_dim: int, aux: bool = False):
+        self.spec, self.max_tokens, self.token_dim, self.aux = spec, int(max_tokens), int(token_dim), bool(aux)
         self.tokens: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
 
@@ -114,8 +145,16 @@ class NoteConditioner:
                              f"{None if mask is None else tuple(mask.shape)}")
         self.tokens, self.mask = tokens, mask
 
-    def encode(self, texts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_notes(self.spec, texts, self.max_tokens, device)
+    def encode(self, notes: list, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Notes (``aux``: (note, auxiliary or None) pairs) -> (n, L or 2L, D) states and (n, L or 2L) mask."""
+        if not self.aux:
+            return encode_notes(self.spec, notes, self.max_tokens, device)
+        states, mask = encode_notes(self.spec, [n for n, _ in notes], self.max_tokens, device)
+        extra = [(i, a) for i, (_, a) in enumerate(notes) if a is not None]
+        aux_states, aux_mask = torch.zeros_like(states), torch.zeros_like(mask)
+        for i, a in extra:  # one note at a time: bitwise equal to what the store computed for the case
+            aux_states[i:i + 1], aux_mask[i:i + 1] = encode_notes(self.spec, [a], self.max_tokens, device)
+        return torch.cat((states, aux_states), 1), torch.cat((mask, aux_mask), 1)
 
     def apply_to_encoders(self, fn) -> None:
         pass  # the encoder runs once per case (store / predictor), never inside forward
@@ -126,8 +165,18 @@ class NoteConditioner:
     def placeholder(self, x: torch.Tensor, dims: dict[str, int]):
         """Zero tokens (all valid) of the right shapes, without the encoder (parameter/FLOP counting)."""
         b = x.shape[0]
-        return x, {"tokens": x.new_zeros(b, self.max_tokens, dims.get(self.spec, self.token_dim)),
-                   "mask": torch.ones(b, self.max_tokens, dtype=torch.bool, device=x.device)}
+        tokens = x.new_zeros(b, self.max_tokens, dims.get(self.spec, self.token_dim))
+        mask = torch.ones(b, self.max_tokens, dtype=torch.bool, device=x.device)
+        return x, self._split(tokens.repeat(1, 2, 1), mask.repeat(1, 2)) if self.aux else \
+            {"tokens": tokens, "mask": mask}
+
+    def _split(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.aux:
+            return {"tokens": tokens, "mask": mask}
+        n = self.max_tokens
+        if tokens.shape[1] != 2 * n:
+            raise ValueError(f"notes with auxiliary notes must have 2 x {n} tokens, got {tokens.shape[1]}")
+        return {"tokens": tokens[:, :n], "mask": mask[:, :n], "aux_tokens": tokens[:, n:], "aux_mask": mask[:, n:]}
 
     def __call__(self, x: torch.Tensor):
         if self.tokens is None:
@@ -140,4 +189,4 @@ class NoteConditioner:
             tokens, mask = tokens.expand(x.shape[0], -1, -1), mask.expand(x.shape[0], -1)
         elif tokens.shape[0] != x.shape[0]:
             raise ValueError(f"{tokens.shape[0]} notes set for a batch of {x.shape[0]}")
-        return x, {"tokens": tokens.to(x.dtype) if x.is_floating_point() else tokens, "mask": mask}
+        return x, self._split(tokens.to(x.dtype) if x.is_floating_point() else tokens, mask)

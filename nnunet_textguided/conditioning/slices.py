@@ -57,11 +57,15 @@ class SliceStream:
         return get_encoder(self.encoder, device)
 
 
+def unit_window(x: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """Normalised intensities through the fixed window -> float32 in [0, 1]."""
+    lo, hi = window
+    return ((x.float() - lo) / (hi - lo)).clamp_(0, 1)
+
+
 def render_slices(slices: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
     """(N, H, W) normalised intensities -> (N, 3, H, W) in [0, 1]."""
-    lo, hi = window
-    x = ((slices.float() - lo) / (hi - lo)).clamp_(0, 1)
-    return x[:, None].expand(-1, 3, -1, -1)
+    return unit_window(slices, window)[:, None].expand(-1, 3, -1, -1)
 
 
 def embed_slices(slices: torch.Tensor, stream: SliceStream, window: tuple[float, float],

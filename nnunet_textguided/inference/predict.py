@@ -42,7 +42,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from ..conditioning.labels import (DEFAULT_LABEL_ENCODER, DEFAULT_MARGIN, DEFAULT_THRESHOLD, match_labels,
                                   split_phrases)
-from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_notes
+from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_case_notes
 from ..conditioning.slices import TableSliceConditioner
 from ..data.position_channels import append_position_channels
 from ..io import atomic_path, atomic_write_json
@@ -87,25 +87,35 @@ class TextGuidedPredictor(nnUNetPredictor):
 
     # -- note-guided models ---------------------------------------------------------------------------------
     def read_case_notes(self, list_of_lists: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(tokens (1, L, D), mask (1, L))] of the cases to predict, in order: each case's ``<CASE>.txt`` beside
-        its first image file, encoded exactly like the embedding store encodes training notes. Every case is
-        checked before anything is predicted; cases without a usable note stop the run (NoteError)."""
+        """[(tokens (1, L, D), mask (1, L))] of the cases to predict, in order ((1, 2L, D), (1, 2L) for models with
+        auxiliary notes): each case's ``<CASE>.txt`` (and, for those models, the optional ``<CASE>.aux.txt``)
+        beside its first image file, encoded exactly like the embedding store encodes training notes. Every case
+        is checked before anything is predicted; cases without a usable note stop the run (NoteError)."""
         ending = self.dataset_json["file_ending"]
         paths = {}
         for files in list_of_lists:
             case = os.path.basename(files[0])[:-(len(ending) + 5)]
             paths[case] = note_path(os.path.dirname(files[0]), case)
-        notes = read_notes(paths)
         cond = _conditioner(self.network)
+        notes = read_case_notes(paths, cond.aux)
         # one at a time, exactly like the store (bitwise-equal tokens)
         return [cond.encode([notes[c]], self.device) for c in paths]
 
-    def set_note(self, text: str) -> None:
-        """For the in-memory APIs (predict_single_npy_array ...): the note of the next case(s) predicted."""
+    def set_note(self, text: str, aux: str | None = None) -> None:
+        """For the in-memory APIs (predict_single_npy_array ...): the note (and auxiliary note, for models that
+        read them) of the next case(s) predicted."""
         cond = _conditioner(self.network)
         if not isinstance(cond, NoteConditioner):
             raise ValueError("this model does not read notes")
-        cond.set_notes(*cond.encode([" ".join(str(text).split())], self.device))
+        note = " ".join(str(text).split())
+        if cond.aux:
+            extra = None if aux is None else " ".join(str(aux).split())
+            if extra == "":
+                raise ValueError("empty auxiliary note: pass aux=None for a case without one")
+            note = (note, extra)
+        elif aux is not None:
+            raise ValueError("this model reads no auxiliary notes")
+        cond.set_notes(*cond.encode([note], self.device))
 
     def predict_from_data_iterator(self, data_iterator, *args, **kwargs):
         notes = self.__dict__.pop("_case_notes", None)

@@ -25,17 +25,32 @@ import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from tqdm import tqdm
 
-from ..conditioning.notes import NoteConditioner, NoteError, encode_notes, note_path, note_sha256, pack_note, \
-    read_notes, unpack_note
+from ..conditioning.notes import NoteConditioner, NoteError, note_path, note_sha256, pack_note, read_case_notes, \
+    unpack_note
 from ..conditioning.store import EmbeddingStore
+from ..conditioning.slices import get_encoder
 from .base import TextGuidedTrainer, check_and_record_encoders
 
 MAX_ROTATION = 15.0 / 180.0 * np.pi
 
 
+def token_dim(settings: dict) -> int:
+    """Width D of the note's token states (CLIP's projected tokens: the embed dim; BERT/MiniLM: hidden)."""
+    spec = settings["text_encoder"]
+    if torch.get_default_device().type == "meta":  # counting: no encoder is loaded
+        return int(settings["encoders"][spec]["embed_dim"])
+    d = get_encoder(spec).token_dim
+    if d is None:
+        raise ValueError(f"text encoder {spec!r} gives no per-token states; note-guided models need a text tower with "
+                         "token outputs (openclip CLIP text, hf BERT-style, minilm)")
+    return int(d)
+
+
 class NoteGuidedTrainer(TextGuidedTrainer):
     text_encoder = "minilm"
     max_tokens = 18
+    #: read ``<CASE>.aux.txt`` too (TGC-Net's DATE): the store holds (note, auxiliary note) per case
+    aux_notes = False
     tiny_preset = "2d_tiny"
     mirror_axes_override = ()  # see configure_rotation_dummyDA_mirroring_and_inital_patch_size
     spatial_dims = 2  # one note per 2D image
@@ -54,7 +69,8 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         max_tokens = int(cls.setting("nnUNet_textguided_max_tokens", str(cls.max_tokens)))
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens} (nnUNet_textguided_max_tokens)")
-        return {"notes": True, "text_encoder": spec, "max_tokens": max_tokens, "encoders": {spec: {}},
+        aux = {"aux_notes": True} if cls.aux_notes else {}
+        return {"notes": True, "text_encoder": spec, "max_tokens": max_tokens, **aux, "encoders": {spec: {}},
                 "encoder_use": {spec: {"role": "case notes", "towers": ["text"]}}}
 
     # -- the note store -----------------------------------------------------------------------------------
@@ -69,12 +85,21 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         s = self.textguided
         identity = {"kind": "note_tokens", "encoder": s["text_encoder"], "max_tokens": s["max_tokens"],
                     "weight_hash": s["encoders"][s["text_encoder"]].get("weight_hash")}
+        if s.get("aux_notes"):
+            identity["aux_notes"] = True
         return EmbeddingStore(self.preprocessed_dataset_folder, "notes", identity)
 
-    def read_training_notes(self, cases: list[str]) -> dict[str, str]:
-        """{case: note} from the raw dataset; one error listing every case without a usable note."""
+    def read_training_notes(self, cases: list[str]) -> dict:
+        """{case: note} ({case: (note, auxiliary note or None)} with ``aux_notes``) from the raw dataset; one error
+        listing every case without a usable note."""
         folder = self.notes_folder()
-        return read_notes({c: note_path(folder, c) for c in cases}, "training cases")
+        return read_case_notes({c: note_path(folder, c) for c in cases}, bool(self.textguided.get("aux_notes")),
+                               "training cases")
+
+    def note_encoder(self) -> NoteConditioner:
+        """Encodes notes for the store exactly as the network's conditioner encodes them for a new case."""
+        s = self.textguided
+        return NoteConditioner(s["text_encoder"], s["max_tokens"], 0, aux=bool(s.get("aux_notes")))
 
     def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
         """Encode missing or changed notes into the store. Returns counts {'computed', 'skipped'}."""
@@ -83,11 +108,11 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         notes = self.read_training_notes(cases)  # every note checked before anything is computed
         store = self.note_store()
         todo = [c for c in cases if not store.is_current(c, note_sha256(notes[c]))]
-        s = self.textguided
+        encoder = self.note_encoder()
         # one note at a time, exactly as nnUNetv2_predict_textguided encodes a new case: batched matmuls may
         # differ in the last bits, and training and inference must see bitwise-equal tokens
         for c in tqdm(todo, desc="note tokens", disable=not progress or not todo):
-            states, mask = encode_notes(s["text_encoder"], [notes[c]], s["max_tokens"], self.device)
+            states, mask = encoder.encode([notes[c]], self.device)
             store.save(c, pack_note(states[0], mask[0]), note_sha256(notes[c]))
         return {"computed": len(todo), "skipped": len(cases) - len(todo)}
 
@@ -116,7 +141,13 @@ class NoteGuidedTrainer(TextGuidedTrainer):
                            f"{self.plans_manager.dataset_name} -c {self.configuration_name} -tr {type(self).__name__}")
         tokens = torch.stack([self._notes[k][0] for k in keys]).to(self.device)
         mask = torch.stack([self._notes[k][1] for k in keys]).to(self.device)
+        if self.network is not None and self.network.training:
+            tokens, mask = self.augment_notes(tokens, mask)
         self.note_conditioner().set_notes(tokens, mask)
+
+    def augment_notes(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batches only: a trainer may alter the notes it hands over (TGC-Net drops auxiliary notes)."""
+        return tokens, mask
 
     @contextmanager
     def case_notes(self, keys):

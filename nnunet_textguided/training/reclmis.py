@@ -34,10 +34,9 @@ from torch import autocast
 from torch.optim.lr_scheduler import _LRScheduler
 
 from ..conditioning.notes import NoteConditioner
-from ..conditioning.slices import get_encoder
 from ..networks.reclmis import RecLMIS, RecLMISAuxiliary
 from .base import register_network_builder, short_schedule
-from .notes import NoteGuidedTrainer
+from .notes import NoteGuidedTrainer, token_dim
 
 #: what the paper leaves open or where paper and code differ (README / METHODS.md), recorded in the run's plans:
 #: - CVR reconstructs V' (the CI output, as the code does); CLR reconstructs the frozen token states;
@@ -52,18 +51,6 @@ PAPER_OPEN_CHOICES = {"num_heads": 4, "dropout": 0.1, "reconstructor_layers": 3,
                       "image_mask_rate": 0.5, "text_mask_rate": 0.3, "temperature": 0.01, "ci_image_reads": "text"}
 LOSS_WEIGHTS = {"cvr": 1.0, "clr": 1.0, "ccl": 0.2, "seg": 5.0}
 AUX_LOSSES = ("cvr", "clr", "ccl")
-
-
-def token_dim(settings: dict) -> int:
-    """Width D of the note's token states (CLIP's projected tokens: the embed dim; BERT/MiniLM: hidden)."""
-    spec = settings["text_encoder"]
-    if torch.get_default_device().type == "meta":  # counting: no encoder is loaded
-        return int(settings["encoders"][spec]["embed_dim"])
-    d = get_encoder(spec).token_dim
-    if d is None:
-        raise ValueError(f"text encoder {spec!r} gives no per-token states; RecLMIS needs a text tower with "
-                         "token outputs (openclip CLIP text, hf BERT-style, minilm)")
-    return int(d)
 
 
 def stage_strides(configuration_manager) -> list:

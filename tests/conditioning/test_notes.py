@@ -45,3 +45,37 @@ def test_note_conditioner_broadcasts_one_case_note_and_refuses_to_run_without_no
         cond(x)
     with pytest.raises(ValueError, match="mask"):
         cond.set_notes(torch.randn(2, 18, 384))
+
+
+def test_auxiliary_notes_are_optional_keyed_with_the_note_and_stacked_after_it(tmp_path):
+    from nnunet_textguided.conditioning.notes import note_sha256, read_case_notes
+    for case, note in (("a", "Segment the lesion in the upper left."), ("b", "Only the centre.")):
+        (tmp_path / f"{case}.txt").write_text(note, encoding="utf-8")
+    (tmp_path / "a.aux.txt").write_text("Solitary focal opacity,\nupper zone, left side.", encoding="utf-8")
+    paths = {c: note_path(tmp_path, c) for c in ("a", "b")}
+    notes = read_case_notes(paths, aux=True)
+    assert notes == {"a": ("Segment the lesion in the upper left.", "Solitary focal opacity, upper zone, left side."),
+                     "b": ("Only the centre.", None)}
+    assert read_case_notes(paths) == {c: n for c, (n, _) in notes.items()}  # models without aux notes
+    # the store key covers both texts; a pair without auxiliary note keys like the note alone
+    assert note_sha256(notes["b"]) == note_sha256("Only the centre.")
+    assert note_sha256(notes["a"]) != note_sha256(notes["a"][0])
+    (tmp_path / "b.aux.txt").write_text("  \n", encoding="utf-8")
+    with pytest.raises(NoteError, match=r"b\.aux\.txt is empty.*optional: fill such a file or delete it"):
+        read_case_notes(paths, aux=True)
+
+    cond = NoteConditioner("minilm", 12, 384, aux=True)
+    tokens, mask = cond.encode([notes["a"]])
+    assert tokens.shape == (1, 24, 384) and mask.shape == (1, 24)
+    main, main_mask = encode_notes("minilm", [notes["a"][0]], 12)
+    extra, extra_mask = encode_notes("minilm", [notes["a"][1]], 12)
+    assert torch.equal(tokens[:, :12], main) and torch.equal(tokens[:, 12:], extra)
+    assert torch.equal(mask, torch.cat((main_mask, extra_mask), 1))
+    none, none_mask = cond.encode([notes["b"]])
+    assert torch.equal(none[:, 12:], torch.zeros(1, 12, 384)) and not none_mask[:, 12:].any()
+    cond.set_notes(tokens, mask)
+    _, out = cond(torch.zeros(2, 1, 8, 8))
+    assert torch.equal(out["aux_tokens"], extra.expand(2, -1, -1)) and torch.equal(out["mask"], main_mask.expand(2, -1))
+    cond.set_notes(main, main_mask)  # notes without their auxiliary half
+    with pytest.raises(ValueError, match="2 x 12 tokens"):
+        cond(torch.zeros(1, 1, 8, 8))
