@@ -31,6 +31,7 @@ Layout (nnU-Net v2 raw dataset, 2D natural-image format read by nnU-Net's ``Natu
         referring.json                       generator parameters and per-case split, cells, target cell, note
         imagesTr/referring_000_0000.png      uint8 image
         imagesTr/referring_000.txt           the note (UTF-8)
+        imagesTr/referring_000.aux.txt       optional auxiliary note (``aux_fraction``; TGC-Net's DATE)
         labelsTr/referring_000.png           uint8, 1 = target object
         imagesTs/, labelsTs/                 test cases, same naming (numbering continues after training)
         labelsTs_allobjects/referring_040.png  uint8, 1 = every object: the vision-only reference prediction
@@ -51,8 +52,8 @@ from scipy import ndimage
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_dataset_folder
 
-__all__ = ["ReferringCase", "generate_referring_case", "make_referring_dataset", "shuffled_notes", "parse_cell",
-           "cell_name", "all_objects_dice", "case_identifier", "main"]
+__all__ = ["ReferringCase", "generate_referring_case", "make_referring_dataset", "shuffled_notes", "shuffled_sources", "parse_cell",
+           "cell_name", "all_objects_dice", "case_identifier", "auxiliary_note", "main"]
 
 FILE_ENDING = ".png"
 LABELS: dict[str, int] = {"background": 0, "target": 1}
@@ -149,6 +150,21 @@ def generate_referring_case(index: int, seed: int = 0, size: int = 64, n_objects
                          cells[target], cells)
 
 
+_AUX_ROWS = ("upper zone", "mid zone", "lower zone")
+_AUX_SIDES = ("left side", "midline", "right side")
+_AUX_TEMPLATES = ("Solitary focal opacity, {where}.", "Round well-defined density in the {where}.",
+                  "Single circumscribed focus, {where}.")
+
+
+def auxiliary_note(case: ReferringCase, seed: int = 0) -> str:
+    """A terse, report-style auxiliary note (TGC-Net's ``<CASE>.aux.txt``) about the same target, in other words
+    than the note ("lower zone, right side"); its own random stream, so the images and notes do not change."""
+    rng = np.random.default_rng([int(seed), int(case.case_id.rsplit("_", 1)[1]), 0xA0C])
+    row, col = case.target_cell
+    where = "central field" if (row, col) == (1, 1) else f"{_AUX_ROWS[row]}, {_AUX_SIDES[col]}"
+    return _AUX_TEMPLATES[int(rng.integers(len(_AUX_TEMPLATES)))].format(where=where)
+
+
 def _unit_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
     f = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
     return (f - f.mean()) / max(float(f.std()), 1e-6)
@@ -168,7 +184,13 @@ def all_objects_dice(case: ReferringCase) -> float:
 
 
 def shuffled_notes(notes: dict[str, str], seed: int = 0) -> dict[str, str]:
-    """Give every case another case's note naming a different cell than its own (a derangement of the notes).
+    """Give every case another case's note naming a different cell than its own (a derangement of the notes);
+    :func:`shuffled_sources` says whose."""
+    return {case: notes[source] for case, source in shuffled_sources(notes, seed).items()}
+
+
+def shuffled_sources(notes: dict[str, str], seed: int = 0) -> dict[str, str]:
+    """{case: the case whose note it gets} for :func:`shuffled_notes`.
 
     A text-using model evaluated with these notes must segment the wrong object (or nothing) on every case.
     Such a permutation exists iff no cell is named by more than half of the notes; then sorting the cases by
@@ -188,7 +210,7 @@ def shuffled_notes(notes: dict[str, str], seed: int = 0) -> dict[str, str]:
     keys = sorted(groups)
     order = [str(c) for k in rng.permutation(len(keys)) for c in rng.permutation(groups[keys[k]])]
     shift = int(rng.integers(m, n - m + 1))
-    return {order[k]: notes[order[(k + shift) % n]] for k in range(n)}
+    return {order[k]: order[(k + shift) % n] for k in range(n)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,10 +224,12 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
 
 def make_referring_dataset(raw_root, dataset_id: int = 992, name: str = "TextReferring2D", n_train: int = 40,
                            n_test: int = 10, size: int = 64, n_objects: int = 3, seed: int = 0,
-                           overwrite: bool = False) -> Path:
+                           overwrite: bool = False, aux_fraction: float = 0.0) -> Path:
     """Write the referring dataset as ``raw_root/DatasetXXX_Name`` (layout in the module docstring); return it.
 
     Training cases are ``referring_000`` .. ``referring_{n_train-1}``, test cases continue the numbering.
+    ``aux_fraction``: share of the cases (every case for 1) that also get an auxiliary note ``<CASE>.aux.txt``
+    (:func:`auxiliary_note`), for TGC-Net; the rest have none, like cases whose LLM summary is missing.
     """
     dataset_id = int(dataset_id)
     if not 1 <= dataset_id <= 999:
@@ -216,10 +240,16 @@ def make_referring_dataset(raw_root, dataset_id: int = 992, name: str = "TextRef
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got n_train={n_train}, n_test={n_test}")
     size, n_objects = _checked(size, n_objects)
+    if not 0.0 <= float(aux_fraction) <= 1.0:
+        raise ValueError(f"aux_fraction must be in [0, 1], got {aux_fraction}")
     raw_root = Path(raw_root).expanduser().resolve()
     dataset_name = f"Dataset{dataset_id:03d}_{name}"
     params = {"seed": int(seed), "n_objects": n_objects, "size": size, "n_train": n_train, "n_test": n_test,
               "grid": GRID, "expected_all_objects_dice": round(2.0 / (n_objects + 1), 4)}
+    if aux_fraction:
+        params["aux_fraction"] = float(aux_fraction)
+    with_aux = set(np.random.default_rng([int(seed), 0xA0C]).permutation(n_train + n_test)
+                   [:round(float(aux_fraction) * (n_train + n_test))].tolist())
 
     with staged_dataset_folder(raw_root, dataset_id, dataset_name, overwrite) as staging:
         cases = {}
@@ -229,10 +259,15 @@ def make_referring_dataset(raw_root, dataset_id: int = 992, name: str = "TextRef
             _write_png(staging / f"images{split}" / f"{case.case_id}_0000{FILE_ENDING}", case.image)
             _write_png(staging / f"labels{split}" / f"{case.case_id}{FILE_ENDING}", case.label)
             atomic_write_text(staging / f"images{split}" / f"{case.case_id}.txt", case.note + "\n")
+            if i in with_aux:
+                atomic_write_text(staging / f"images{split}" / f"{case.case_id}.aux.txt",
+                                  auxiliary_note(case, seed) + "\n")
             if split == "Ts":
                 _write_png(staging / "labelsTs_allobjects" / f"{case.case_id}{FILE_ENDING}", case.all_objects)
             cases[case.case_id] = {"split": "train" if split == "Tr" else "test", "note": case.note,
                                    "target_cell": list(case.target_cell), "cells": [list(c) for c in case.cells]}
+            if i in with_aux:
+                cases[case.case_id]["aux_note"] = auxiliary_note(case, seed)
         for sub in ("imagesTs", "labelsTs"):  # nnU-Net's layout has them even when there are no test cases
             (staging / sub).mkdir(exist_ok=True)
         atomic_write_json(staging / "referring.json", {"parameters": params, "cases": cases})
@@ -265,11 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--objects", type=int, default=3, help="look-alike objects per image (2..9)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aux-notes", type=float, default=0.0, metavar="FRACTION",
+                   help="share of the cases that also get an auxiliary note <CASE>.aux.txt (TGC-Net), default 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     a = p.parse_args(argv)
     try:
         folder = make_referring_dataset(a.raw_root, a.dataset_id, a.name, a.n_train, a.n_test, a.size, a.objects,
-                                        a.seed, a.overwrite)
+                                        a.seed, a.overwrite, a.aux_notes)
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
     print(folder)

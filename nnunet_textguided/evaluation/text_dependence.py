@@ -12,7 +12,9 @@ Predictions go through ``nnUNetv2_predict_textguided`` (nnU-Net's predict; note-
 sidecar notes through it), so the only difference between the two runs is the ``<CASE>.txt`` beside each
 image. Models that do not read notes (nnU-Net's trainers, BiCLIP) must give identical predictions: that is the
 vision-only baseline. Shuffling gives every case another case's note (a derangement); on referring notes
-(every note names a position) each case gets one naming a different position.
+(every note names a position) each case gets one naming a different position. Auxiliary notes
+(``<CASE>.aux.txt``, TGC-Net) travel with their note: a case that receives another case's note receives that
+case's auxiliary note too (or none).
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..conditioning.notes import AUX_SUFFIX, NOTE_SUFFIX
 from ..io import atomic_write_json
 from .evaluate import compute_metrics_on_folder2_extended
 
-NOTE_SUFFIX = ".txt"
 
 
 def read_notes(images_folder: Path, cases: list[str]) -> dict[str, str]:
@@ -40,19 +42,39 @@ def read_notes(images_folder: Path, cases: list[str]) -> dict[str, str]:
     return {c: (images_folder / f"{c}{NOTE_SUFFIX}").read_text(encoding="utf-8") for c in cases}
 
 
-def shuffle_notes(notes: dict[str, str], seed: int = 0) -> dict[str, str]:
-    """Every case gets another case's note: naming a different position on referring notes, else any other."""
-    from ..data.referring import parse_cell, shuffled_notes
+def read_aux_notes(images_folder: Path, cases: list[str]) -> dict[str, str]:
+    """{case: auxiliary note} of the cases that have one."""
+    return {c: (images_folder / f"{c}{AUX_SUFFIX}").read_text(encoding="utf-8") for c in cases
+            if (images_folder / f"{c}{AUX_SUFFIX}").is_file()}
+
+
+def shuffle_sources(notes: dict[str, str], seed: int = 0) -> dict[str, str]:
+    """{case: the other case whose note it gets}: on referring notes one naming a different position, else any
+    other case (a derangement)."""
+    from ..data.referring import parse_cell, shuffled_sources
     try:
         [parse_cell(n) for n in notes.values()]
     except ValueError:  # not referring notes: any other case's note
         pass
     else:
-        return shuffled_notes(notes, seed)  # raises if no position-changing shuffle exists
+        return shuffled_sources(notes, seed)  # raises if no position-changing shuffle exists
     if len(notes) < 2:
         raise ValueError(f"need at least 2 cases to shuffle notes, got {len(notes)}")
     order = [str(c) for c in np.random.default_rng(seed).permutation(sorted(notes))]
-    return {order[i]: notes[order[(i + 1) % len(order)]] for i in range(len(order))}
+    return {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+
+
+def shuffle_notes(notes: dict[str, str], seed: int = 0) -> dict[str, str]:
+    """Every case gets another case's note (``shuffle_sources``)."""
+    return {case: notes[source] for case, source in shuffle_sources(notes, seed).items()}
+
+
+def note_variants(notes: dict[str, str], aux: dict[str, str], seed: int = 0) -> dict[str, tuple[dict, dict]]:
+    """{"true": (notes, auxiliary notes), "shuffled": (...)}: a case's auxiliary note (or none) travels with its
+    note to the case that receives it."""
+    sources = shuffle_sources(notes, seed)
+    return {"true": (notes, aux),
+            "shuffled": ({c: notes[s] for c, s in sources.items()}, {c: aux[s] for c, s in sources.items() if s in aux})}
 
 
 def image_cases(images_folder: Path, file_ending: str) -> dict[str, list[Path]]:
@@ -66,12 +88,15 @@ def image_cases(images_folder: Path, file_ending: str) -> dict[str, list[Path]]:
     return out
 
 
-def write_input_folder(folder: Path, cases: dict[str, list[Path]], notes: dict[str, str]) -> Path:
+def write_input_folder(folder: Path, cases: dict[str, list[Path]], notes: dict[str, str],
+                       aux: dict[str, str] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for case, files in cases.items():
         for f in files:
             shutil.copy2(f, folder / f.name)
         (folder / f"{case}{NOTE_SUFFIX}").write_text(notes[case], encoding="utf-8")
+        if aux and case in aux:
+            (folder / f"{case}{AUX_SUFFIX}").write_text(aux[case], encoding="utf-8")
     return folder
 
 
@@ -100,11 +125,12 @@ def run(dataset: str, configuration: str, trainers: list[str], output: Path, fol
     ending = json.loads(dataset_json.read_text())["file_ending"]
     cases = image_cases(images, ending)
     notes = read_notes(images, sorted(cases))
-    variants = {"true": notes, "shuffled": shuffle_notes(notes, seed)}
+    aux = read_aux_notes(images, sorted(cases))
+    variants = note_variants(notes, aux, seed)
     if output.is_dir() and any(output.iterdir()):
         raise FileExistsError(f"{output} is not empty: choose a new -o folder (old inputs and predictions would mix "
                               "with this run's)")
-    inputs = {v: write_input_folder(output / f"input_{v}_notes", cases, n) for v, n in variants.items()}
+    inputs = {v: write_input_folder(output / f"input_{v}_notes", cases, n, a) for v, (n, a) in variants.items()}
 
     def dice(pred_folder: Path, summary_file: Path) -> float:
         summary = compute_metrics_on_folder2_extended(str(references), str(pred_folder), str(dataset_json),

@@ -171,3 +171,28 @@ def test_nnunet_plan_and_preprocess_2d_accepts_it(referring_dataset):
     plans = json.loads((out / "nnUNetPlans.json").read_text())
     assert plans["configurations"]["2d"]["patch_size"] == [64, 64]
     assert len(list((out / "nnUNetPlans_2d").glob("*.b2nd"))) >= 16
+
+
+def test_auxiliary_notes_are_added_without_changing_images_or_notes(tmp_path):
+    plain = make_referring_dataset(tmp_path / "a", dataset_id=DATASET_ID, n_train=6, n_test=2, seed=4)
+    aux = make_referring_dataset(tmp_path / "b", dataset_id=DATASET_ID, n_train=6, n_test=2, seed=4, aux_fraction=0.5)
+    files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file() and p.name != "referring.json")
+    for f in files:
+        if f.name != "dataset.json":
+            assert (plain / f).read_bytes() == (aux / f).read_bytes(), f
+    extra = sorted(p for p in aux.rglob("*.aux.txt"))
+    assert len(extra) == 4 and not list(plain.rglob("*.aux.txt"))
+    meta = json.loads((aux / "referring.json").read_text())
+    for p in extra:
+        case = p.name[:-len(".aux.txt")]
+        text = p.read_text(encoding="utf-8").strip()
+        assert meta["cases"][case]["aux_note"] == text
+        row, col = meta["cases"][case]["target_cell"]
+        # the same target in other words: "<upper|mid|lower> zone, <left side|midline|right side>", or the centre
+        if (row, col) == (1, 1):
+            assert "central field" in text
+        else:
+            assert ("upper zone", "mid zone", "lower zone")[row] in text
+            assert ("left side", "midline", "right side")[col] in text
+    with pytest.raises(ValueError, match="aux_fraction"):
+        make_referring_dataset(tmp_path / "c", dataset_id=DATASET_ID, n_train=2, n_test=0, aux_fraction=1.5)

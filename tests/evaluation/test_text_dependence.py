@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import REFERRING_ID, run_cmd
-from nnunet_textguided.evaluation.text_dependence import shuffle_notes
+from nnunet_textguided.evaluation.text_dependence import note_variants, shuffle_notes
 
 
 def test_generic_notes_are_deranged():
@@ -25,6 +25,19 @@ def test_referring_notes_name_another_position():
     notes = {f"c{i}": generate_referring_case(i, seed=5).note for i in range(12)}
     out = shuffle_notes(notes)
     assert all(parse_cell(out[c]) != parse_cell(notes[c]) for c in notes)
+
+
+def test_auxiliary_notes_travel_with_their_note():
+    """Identical notes (common in QaTa) must not mix up auxiliary notes: each goes with its own case's note."""
+    notes = {"a": "same", "b": "same", "c": "other", "d": "fourth"}
+    aux = {"b": "aux of b", "c": "aux of c"}
+    variants = note_variants(notes, aux, seed=3)
+    assert variants["true"] == (notes, aux)
+    shuffled, shuffled_aux = variants["shuffled"]
+    sources = {c: next(s for s in notes if notes[s] == shuffled[c] and (aux.get(s) == shuffled_aux.get(c)))
+               for c in notes}
+    assert sorted(sources.values()) == sorted(notes)  # one consistent source case per receiver
+    assert all(shuffled_aux.get(c) == aux.get(s) for c, s in sources.items())
 
 
 @pytest.mark.slow
