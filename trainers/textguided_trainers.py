@@ -8,4 +8,5 @@ name that ever reached a checkpoint must stay exported: prediction looks the cla
 from nnunet_textguided.training.biclip import *  # noqa: F401,F403
 from nnunet_textguided.training.cdpdnet import *  # noqa: F401,F403
 from nnunet_textguided.training.reclmis import *  # noqa: F401,F403
+from nnunet_textguided.training.tgcnet import *  # noqa: F401,F403
 from nnunet_textguided.training.baselines import *  # noqa: F401,F403

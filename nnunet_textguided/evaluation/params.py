@@ -136,7 +136,8 @@ def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: d
     settings = trainer.settings_for(pm, cm, encoders, dataset_json)
     structures = {spec: encoder_structure(spec) for spec in settings.get("encoders", {})}
     for spec, st in structures.items():
-        settings["encoders"][spec] = {"embed_dim": st.embed_dim}
+        settings["encoders"][spec] = {"embed_dim": st.embed_dim, "image_size": st.image_size,
+                                      "patch_size": st.patch_size}
     cm.configuration["textguided"] = settings
     lm = pm.get_label_manager(dataset_json)
     n_in = determine_num_input_channels(pm, cm, dataset_json)

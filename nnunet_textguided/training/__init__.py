@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 #: modules holding the trainer classes of each method (each defines ALL_TRAINERS)
-METHOD_MODULES = ("biclip", "cdpdnet", "reclmis")
+METHOD_MODULES = ("biclip", "cdpdnet", "reclmis", "tgcnet")
 
 
 def trainer_classes() -> list[type]:

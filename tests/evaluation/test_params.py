@@ -10,6 +10,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_textguided.conditioning.slices import get_encoder
+from nnunet_textguided.encoders.structure import encoder_structure
 from nnunet_textguided.evaluation.params import count, count_plans, main
 from nnunet_textguided.networks.blocks import SliceEmbeddingAdapter
 from nnunet_textguided.training import trainer_classes
@@ -40,10 +41,18 @@ def test_tiny_counts_match_the_network_nnunet_trains(trainer):
     assert report.trainable - report.training_only + report.frozen_in_network == numel(net)
     specs = cm.configuration["textguided"]["encoders"]
     assert set(report.encoders) == set(specs)
+    use = cm.configuration["textguided"].get("encoder_use", {})
+
+    def used(spec) -> int:  # the towers the method runs (TGC-Net's image role: CLIP's image tower only)
+        towers = use.get(spec, {}).get("towers")
+        return encoder_structure(spec).num_parameters(towers) if towers else numel(get_encoder(spec))
+
     for spec, row in report.encoders.items():
-        assert row["params"] == numel(get_encoder(spec))
+        assert row["params"] == used(spec)
+        if spec.startswith("tiny-") and use.get(spec, {}).get("towers") == ["image"]:
+            assert row["params"] == numel(get_encoder(spec).model.visual)
     needed = [s for s in specs if report.encoders[s]["at_inference"]]  # label-prompt encoders: buffers instead
-    assert report.inference == numel(net) + sum(numel(get_encoder(s)) for s in needed)
+    assert report.inference == numel(net) + sum(used(s) for s in needed)
     assert report.network_gflops > 0
 
 
@@ -115,3 +124,15 @@ def test_cdpdnet_paper_configuration_on_meta():
     assert r.trainable == 64_687_856  # networks/test_cdpdnet.py derives it module by module
     assert r.inference == r.trainable + 86_580_480
     assert count(CDPDNetTrainer_Baseline, "paper").trainable == 31_137_248  # CNN encoder + decoder only
+
+
+def test_tgcnet_paper_configuration_on_meta():
+    """TGC-Net at 224^2 (CNN branch 768^2) with CLIP ViT-L/14@336's two towers, one spec for both roles."""
+    from nnunet_textguided.training.tgcnet import TGCNetTrainer, TGCNetTrainer_noSSE
+    r = count(TGCNetTrainer, "paper")
+    clip = TGCNetTrainer.paper_encoders["image"]
+    assert list(r.encoders) == [clip] and r.encoders[clip]["roles"] == ["case notes + image tokens"]
+    assert 427e6 < r.encoders[clip]["params"] < 429e6  # both towers of ViT-L/14@336
+    assert 370 < r.encoders[clip]["gflops_per_forward"] < 400  # one 336^2 image per patch; notes once per case
+    assert abs(r.trainable / 10.3e6 - 1) < 0.05 and r.training_only == 0  # paper: 10.3 M trainable
+    assert count(TGCNetTrainer_noSSE, "paper").trainable < r.trainable - 2e6  # no CNN / deformable encoder
