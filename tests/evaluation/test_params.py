@@ -17,7 +17,10 @@ from nnunet_textguided.training import trainer_classes
 from nnunet_textguided.training.biclip import (BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2,
                                                BiCLIPTrainer_Net4, nnFormerTrainer)
 
-BASE_TRAINERS = [t for t in trainer_classes() if t.short_epochs is None]
+#: TGC-Net's text / alignment ablations only drop modules inside one network: its two image-path variants stand
+#: for them (one without a CNN branch, one without any image tower)
+BASE_TRAINERS = [t for t in trainer_classes() if t.short_epochs is None and (
+    not t.__name__.startswith("TGCNetTrainer_") or t.__name__ in ("TGCNetTrainer_noSSE", "TGCNetTrainer_CNNonly"))]
 
 
 def numel(module) -> int:
