@@ -105,12 +105,11 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..losses.reclmis import conditioned_contrastive_loss, weighted_reconstruction_loss
 from .blocks.attention import ConditionedAttention, conditioned_attention  # noqa: F401 (re-exported)
-from .blocks.plam import PLAM
+from .blocks.lvit import LViTEncoder, UpBlockPLAM
 from .conditioned import ConditionedNetwork
 
 __all__ = ["RecLMIS", "RecLMISAuxiliary", "ConditionedInteraction", "RecLMISDecoder", "ConditionedAttention",
@@ -128,53 +127,6 @@ def _nonempty(valid: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: a row without any True becomes all True, so no softmax/max runs over an empty set (NaN).
     A note always yields at least its start token; this only keeps a broken input finite."""
     return valid | ~valid.any(-1, keepdim=True)
-
-
-class ConvBNReLU(nn.Sequential):
-    """Conv3x3 (bias) -> BatchNorm2d -> ReLU: the authors' ``ConvBatchNorm``."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True))
-
-
-class RecLMISEncoder(nn.Module):
-    """LViT/RecLMIS UNet encoder: (B, C_in, H, W) -> [skip_0 .. skip_{n-1}], skip_s (B, features[s], H/S_s, W/S_s).
-
-    Stage 0: one Conv-BN-ReLU (stride 1); stage s >= 1: MaxPool(kernel = stride = strides[s]) + 2 Conv-BN-ReLU.
-    """
-
-    def __init__(self, in_channels: int, features: Sequence[int], strides: Sequence[tuple[int, int]]):
-        super().__init__()
-        self.stages = nn.ModuleList([ConvBNReLU(in_channels, features[0])])
-        for s in range(1, len(features)):
-            pool = nn.MaxPool2d(strides[s], strides[s]) if strides[s] != (1, 1) else nn.Identity()
-            self.stages.append(nn.Sequential(pool, ConvBNReLU(features[s - 1], features[s]),
-                                             ConvBNReLU(features[s], features[s])))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
-
-
-class UpBlockPLAM(nn.Module):
-    """One LViT decoder level (``UpblockAttention``): coarse (B, C_below, h, w), skip (B, C_skip, H, W) ->
-    (B, C_out, H, W) = 2 x Conv-BN-ReLU(cat[PLAM(skip), nearest_up(coarse)])."""
-
-    def __init__(self, below_channels: int, skip_channels: int, out_channels: int):
-        super().__init__()
-        self.plam = PLAM(skip_channels)
-        self.convs = nn.Sequential(ConvBNReLU(skip_channels + below_channels, out_channels),
-                                   ConvBNReLU(out_channels, out_channels))
-
-    def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        # nearest upsampling by the stage's pooling factor (the authors' Upsample(x2)); sizing by the skip also
-        # covers per-axis strides such as (1, 2)
-        up = F.interpolate(coarse, size=skip.shape[2:], mode="nearest")
-        return self.convs(torch.cat([self.plam(skip), up], 1))
 
 
 class RecLMISDecoder(nn.Module):
@@ -288,7 +240,7 @@ class RecLMIS(ConditionedNetwork):
         self.bottleneck_channels = features[-1]
         self.grid = tuple(p // t for p, t in zip(patch, total))
 
-        self.encoder = RecLMISEncoder(in_channels, features, strides)
+        self.encoder = LViTEncoder(in_channels, features, strides)
         self.text_proj = nn.Conv1d(text_dim, features[-1], kernel_size=3, padding=1)
         self.interaction = ConditionedInteraction(features[-1], self.grid, num_heads, dropout, image_reads)
         self.decoder = RecLMISDecoder(features, num_classes)
