@@ -85,6 +85,7 @@ _DELEGATED = {
     "text-dependence": (".evaluation.text_dependence:main", "Dice with true vs shuffled notes"),
     "merge": (".data.merge:main", "merge partially labelled raw datasets into one universal dataset"),
     "partial-phantoms": (".data.synthetic:partial_phantoms_main", "generate two partially labelled phantom datasets"),
+    "pretrain-ppe": (".training.ppe_pretrain:main", "MPTPN stage 1: SimSiam-pretrain the prior prompt encoder on image-caption pairs"),
     "convert-lvit": (".data.lvit:main", "convert an LViT-format dataset (QaTa-COV19, MosMedData+, MoNuSeg) to nnU-Net raw 2D with notes"),
 }
 

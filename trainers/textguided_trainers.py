@@ -9,4 +9,5 @@ from nnunet_textguided.training.biclip import *  # noqa: F401,F403
 from nnunet_textguided.training.cdpdnet import *  # noqa: F401,F403
 from nnunet_textguided.training.reclmis import *  # noqa: F401,F403
 from nnunet_textguided.training.tgcnet import *  # noqa: F401,F403
+from nnunet_textguided.training.mptpn import *  # noqa: F401,F403
 from nnunet_textguided.training.baselines import *  # noqa: F401,F403

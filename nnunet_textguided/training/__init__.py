@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 #: modules holding the trainer classes of each method (each defines ALL_TRAINERS)
-METHOD_MODULES = ("biclip", "cdpdnet", "reclmis", "tgcnet")
+METHOD_MODULES = ("biclip", "cdpdnet", "reclmis", "tgcnet", "mptpn")
 
 
 def trainer_classes() -> list[type]:

@@ -1,0 +1,166 @@
+"""MPTPNTrainer in-process on the synthetic referring dataset with a stage-1 checkpoint pretrained here on a
+generated image-caption folder (32 x 32 RGB, so the 64 x 64 one-channel 2d_tiny network needs both adaptations):
+the stage-1 tensors really initialise the PPE (and nothing else), a train step then changes the network and
+never the frozen text encoder, and a missing or mismatched stage 1 stops with the fix."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from nnunet_textguided.conditioning.extract import build_trainer
+from nnunet_textguided.conditioning.notes import NoteConditioner
+from nnunet_textguided.conditioning.slices import get_encoder
+from nnunet_textguided.data.captions import write_caption_folder
+from nnunet_textguided.losses.mptpn import WeightedBCEDiceLoss
+from nnunet_textguided.networks.mptpn import adapt_ppe_state
+from nnunet_textguided.training.mptpn import PPE_ENV, StageOneError
+from nnunet_textguided.training.ppe_pretrain import load_ppe_checkpoint, pretrain_ppe
+
+TRAINER = "MPTPNTrainer_2epochs"
+STAGE1 = dict(text_encoder="minilm", max_tokens=10, image_size=(32, 32), base_channels=8, num_heads=8,
+              epochs=1, batch_size=8, device="cpu", num_workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mptpn_stage1")
+    write_caption_folder(root / "pairs", n=16, size=32, seed=0)
+    pretrain_ppe(root / "pairs", root / "ppe.pth", **STAGE1)
+    return root / "ppe.pth"
+
+
+@pytest.fixture(scope="module")
+def trainer(referring_dataset, stage1):
+    from conftest import REFERRING_ID
+    old = os.environ.get(PPE_ENV)
+    os.environ[PPE_ENV] = str(stage1)
+    try:
+        tr = build_trainer(str(REFERRING_ID), "2d_tiny", TRAINER, for_extraction=False)
+    finally:
+        os.environ.pop(PPE_ENV) if old is None else os.environ.__setitem__(PPE_ENV, old)
+    tr.initialize()
+    return tr
+
+
+def _batch(trainer, keys, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    return {"data": torch.randn(len(keys), 1, *patch, generator=g),
+            "target": torch.randint(0, 2, (len(keys), 1, *patch), generator=g).float(), "keys": list(keys)}
+
+
+def _clone(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_the_run_records_the_stage1_checkpoint_and_builds_the_paper_training_parts(trainer, stage1):
+    s = trainer.textguided
+    assert s["stage1"]["path"] == str(stage1) and len(s["stage1"]["sha256"]) == 64
+    assert (s["base_channels"], s["num_heads"], s["max_tokens"]) == (8, 8, 10)
+    assert isinstance(trainer.loss, WeightedBCEDiceLoss)
+    assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.optimizer.param_groups[0]["lr"] == 1e-4
+    net = trainer.network
+    assert isinstance(net.conditioner, NoteConditioner) and net.conditioner.spec == "minilm"
+    assert {k.split(".")[0] for k in net.state_dict()} == {"ppe", "msff", "up", "head"}
+
+
+def test_stage1_weights_initialise_the_ppe_and_nothing_else(trainer, stage1):
+    net = trainer.bare_network()
+    ckpt = load_ppe_checkpoint(stage1)
+    expected, notes = adapt_ppe_state(ckpt["ppe"], ckpt["config"], net.ppe)
+    assert any("grid 2x2 -> 4x4" in n for n in notes) and any("3 -> 1 input channels" in n for n in notes)
+    before = _clone(net)
+    assert not all(torch.equal(before[f"ppe.{k}"], v) for k, v in expected.items())  # random init differs
+
+    assert trainer.initialise_ppe_from_stage1() == notes
+    after = _clone(net)
+    for k, v in expected.items():
+        assert torch.equal(after[f"ppe.{k}"], v), k
+    # tensors the grid and channel adaptations leave alone are the checkpoint's own, bit for bit
+    untouched = [k for k in ckpt["ppe"] if "position" not in k and not k.startswith("text_to_patches.")
+                 and k != "image.stages.0.0.weight"]
+    assert len(untouched) > 50 and all(torch.equal(after[f"ppe.{k}"], ckpt["ppe"][k]) for k in untouched)
+    stem = ckpt["ppe"]["image.stages.0.0.weight"]
+    assert torch.equal(after["ppe.image.stages.0.0.weight"], stem.sum(1, keepdim=True))
+    # MSFF, UpAttention and the head keep their initialisation
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("ppe."))
+
+    # a train step then updates the network (the PPE included) and never the frozen text encoder
+    encoder = get_encoder("minilm")
+    frozen = _clone(encoder)
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in net.parameters()} == optimised
+    assert not {id(p) for p in encoder.parameters()} & optimised
+    net.train()
+    out = trainer.train_step(_batch(trainer, ["referring_000", "referring_001"]))
+    assert torch.isfinite(torch.as_tensor(out["loss"]))
+    stepped = _clone(net)
+    changed = {k for k in stepped if not torch.equal(stepped[k], after[k])}
+    ppe_params = {f"ppe.{n}" for n, _ in net.ppe.named_parameters()}
+    assert ppe_params <= changed  # the stage-1 PPE is fine-tuned with the rest (the authors' code froze it by omission)
+    assert {n for n, _ in net.named_parameters()} <= changed
+    assert all(torch.equal(v, frozen[k]) for k, v in encoder.state_dict().items())
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_a_missing_or_mismatched_stage1_stops_with_the_fix(trainer, stage1, tmp_path):
+    s = trainer.textguided
+    saved = s["stage1"]
+    try:
+        s["stage1"] = None
+        with pytest.raises(StageOneError, match=r"pretrain-ppe .*--max-tokens 10 --base-channels 8.*MPTPNTrainer_noPretrain"):
+            trainer.initialise_ppe_from_stage1()
+        other = tmp_path / "ppe_8tokens.pth"
+        write_caption_folder(tmp_path / "pairs", n=8, size=32, seed=1)
+        pretrain_ppe(tmp_path / "pairs", other, **{**STAGE1, "max_tokens": 8})
+        s["stage1"] = {"path": str(other), "sha256": __import__("nnunet_textguided.conditioning.store", fromlist=["x"])
+                       .file_sha256(other)}
+        before = _clone(trainer.bare_network())
+        with pytest.raises(StageOneError, match=r"max_tokens 8 \(trainer: 10\).*--max-tokens 10"):
+            trainer.initialise_ppe_from_stage1()
+        after = _clone(trainer.bare_network())
+        assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
+    finally:
+        s["stage1"] = saved
+
+
+def test_the_no_pretrain_ablation_needs_no_stage1_and_a_missing_file_is_named(referring_dataset, tmp_path):
+    from conftest import REFERRING_ID
+    old = os.environ.get(PPE_ENV)
+    try:
+        os.environ[PPE_ENV] = str(tmp_path / "absent.pth")
+        with pytest.raises(StageOneError, match=r"absent\.pth: no such file.*pretrain-ppe"):
+            build_trainer(str(REFERRING_ID), "2d_tiny", TRAINER, for_extraction=False)
+        tr = build_trainer(str(REFERRING_ID), "2d_tiny", "MPTPNTrainer_noPretrain_2epochs", for_extraction=False)
+        assert tr.textguided["stage1"] is None
+    finally:
+        os.environ.pop(PPE_ENV) if old is None else os.environ.__setitem__(PPE_ENV, old)
+
+
+def test_resuming_needs_no_stage1_file_but_refuses_another_one(trainer, stage1, tmp_path):
+    from conftest import REFERRING_ID
+    ck = tmp_path / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(ck))
+    old = os.environ.pop(PPE_ENV, None)
+    try:
+        resumed = build_trainer(str(REFERRING_ID), "2d_tiny", TRAINER, for_extraction=False)
+        assert resumed.textguided["stage1"] is None
+        resumed.load_checkpoint(str(ck))  # takes the recorded reference; the weights are the checkpoint's
+        assert resumed.textguided["stage1"] == trainer.textguided["stage1"]
+        assert all(torch.equal(a, b) for a, b in zip(resumed.network.state_dict().values(),
+                                                     trainer.network.state_dict().values()))
+        moved = tmp_path / "moved.pth"
+        shutil.copy2(stage1, moved)  # the same stage 1 at another place is accepted
+        os.environ[PPE_ENV] = str(moved)
+        build_trainer(str(REFERRING_ID), "2d_tiny", TRAINER, for_extraction=False).load_checkpoint(str(ck))
+        other = tmp_path / "other.pth"
+        other.write_bytes(stage1.read_bytes() + b"another file")
+        os.environ[PPE_ENV] = str(other)
+        elsewhere = build_trainer(str(REFERRING_ID), "2d_tiny", TRAINER, for_extraction=False)
+        with pytest.raises(RuntimeError, match=r"other settings for stage1"):
+            elsewhere.load_checkpoint(str(ck))
+    finally:
+        os.environ.pop(PPE_ENV, None)
+        if old is not None:
+            os.environ[PPE_ENV] = old
