@@ -139,3 +139,15 @@ def test_tgcnet_paper_configuration_on_meta():
     assert 370 < r.encoders[clip]["gflops_per_forward"] < 400  # one 336^2 image per patch; notes once per case
     assert abs(r.trainable / 10.3e6 - 1) < 0.05 and r.training_only == 0  # paper: 10.3 M trainable
     assert count(TGCNetTrainer_noSSE, "paper").trainable < r.trainable - 2e6  # no CNN / deformable encoder
+
+
+def test_mptpn_paper_configuration_on_meta():
+    """MPTPN at 2d_mptpn_paper (224^2, C = 64) with the paper's BERT-base token states (the paper gives no count)."""
+    from nnunet_textguided.training.mptpn import MPTPNTrainer, MPTPNTrainer_noMSFF
+    r = count(MPTPNTrainer, "paper")
+    bert = MPTPNTrainer.paper_encoders["text"]
+    assert r.patch_size == [224, 224] and list(r.encoders) == [bert]
+    assert r.trainable == 15_774_339 and r.training_only == 0  # networks/test_mptpn.py derives it module by module
+    assert r.encoders[bert]["params"] == 109_482_240 and r.inference == r.trainable + 109_482_240
+    assert 290 < r.network_gflops < 310  # UpAttention's full-resolution convolutions dominate
+    assert count(MPTPNTrainer_noMSFF, "paper").trainable == 15_774_339 - 310_016 - 7_007_678 - 193 + 779_454 + 65
