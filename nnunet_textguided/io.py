@@ -49,6 +49,12 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, flushed to disk before the rename (checkpoints)."""
+    import torch
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -193,7 +193,8 @@ def read_text_table(path: str | os.PathLike) -> list[tuple[int, str, str]]:
     return rows
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a folder (IMAGE_EXTENSIONS, any case), sorted; hidden files (._* of macOS) skipped."""
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -230,7 +231,7 @@ def _scan_split(split_dir: Path, split: str, problems: list[str]) -> list[Source
     except LViTFormatError as e:
         problems.append(str(e))
         table = None
-    images, masks = _image_files(img_dir), _image_files(mask_dir)
+    images, masks = image_files(img_dir), image_files(mask_dir)
     if not images:
         problems.append(f"{where}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in {img_dir}")
 

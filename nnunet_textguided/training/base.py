@@ -192,7 +192,7 @@ class TextGuidedTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        from ..io import atomic_path
+        from ..io import atomic_torch_save
         checkpoint = {
             "network_weights": self.bare_network().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -206,8 +206,7 @@ class TextGuidedTrainer(nnUNetTrainer):
         }
         if self.training_only is not None:
             checkpoint["training_only_weights"] = self.training_only.state_dict()
-        with atomic_path(filename, suffix=".pth") as tmp:
-            torch.save(checkpoint, tmp)
+        atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint):
         if not self.was_initialized:
@@ -217,6 +216,7 @@ class TextGuidedTrainer(nnUNetTrainer):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
         saved = checkpoint["init_args"]["plans"]["configurations"][self.configuration_name].get("textguided", {})
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+        self.reconcile_saved_settings(saved)
         compare_encoder_records(saved.get("encoders", {}), self.textguided.get("encoders", {}), str(where))
         changed = sorted(k for k in set(saved) | set(self.textguided)
                          if k != "encoders" and saved.get(k) != self.textguided.get(k))
@@ -232,6 +232,10 @@ class TextGuidedTrainer(nnUNetTrainer):
             self.training_only.load_state_dict(checkpoint["training_only_weights"])
         # nnU-Net 2.8.1's load_checkpoint only works with a file name (given a dict, it never binds it)
         super().load_checkpoint(filename_or_checkpoint)
+
+    def reconcile_saved_settings(self, saved: dict) -> None:
+        """Called by ``load_checkpoint`` with the checkpoint's ``textguided`` settings before they are compared
+        with this run's: a trainer may adopt saved values that only mattered when the run started."""
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)

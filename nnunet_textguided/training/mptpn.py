@@ -15,14 +15,16 @@ Two stages, two commands:
 1. ``nnunet-textguided pretrain-ppe IMAGES_WITH_CAPTIONS_DIR -o ppe.pth`` (``training.ppe_pretrain``): SimSiam on
    image-caption pairs (COCO in the paper). Use the text encoder, ``--max-tokens`` and ``--base-channels`` of
    the stage-2 trainer (defaults: minilm, 10, 64 = the paper configuration's C).
-2. ``nnUNet_textguided_ppe=ppe.pth nnUNetv2_train D 2d_mptpn_paper 0 -tr MPTPNTrainer``: when training starts
-   from epoch 0 the PPE's tensors (weights and BatchNorm statistics) are replaced by the stage-1 ones — the
+2. ``nnUNet_textguided_ppe=ppe.pth nnUNetv2_train D 2d_mptpn_paper 0 -tr MPTPNTrainer``: when a new training is
+   set up (``initialize``, before any data is read) the PPE's tensors (weights and BatchNorm statistics) are
+   replaced by the stage-1 ones — the
    authors' released code loads the checkpoint and never applies it (and leaves the PPE out of the optimizer);
    here they initialise stage 2 and are fine-tuned with the rest. The checkpoint is checked against the trainer:
    same text encoder (spec and weights), max tokens, base channels and heads, else a clear error; another patch
    size or number of input channels is adapted (``networks.mptpn.adapt_ppe_state``, logged). The run records
-   the checkpoint's path and sha256 in its plans; resuming (``--c``) needs neither (the run's checkpoint holds
-   every weight), and prediction never reads it.
+   the checkpoint's path and sha256 in its plans; resuming (``--c``) and ``--val`` need neither (the run's
+   checkpoint holds every weight), and prediction never reads it. ``-pretrained_weights`` replace the stage-1
+   tensors they name (nnU-Net loads them after ``initialize``).
 
 Network: ``networks.mptpn.MPTPN`` with C = ``features_per_stage[0]`` of the configuration (``2d_mptpn_paper``:
 64 at 224 x 224; ``2d_tiny``: 8 at 64 x 64), 8 heads; patch sides must be multiples of 16. Notes: ``<CASE>.txt``
@@ -108,15 +110,13 @@ class MPTPNTrainer(NoteGuidedTrainer):
     @classmethod
     def stage1_reference(cls) -> dict | None:
         """{"path", "sha256"} of the stage-1 checkpoint named by ``nnUNet_textguided_ppe`` (None if unset or for
-        MPTPNTrainer_noPretrain)."""
+        MPTPNTrainer_noPretrain; sha256 None if the file does not exist: only a fresh training needs it, and
+        says so)."""
         path = os.environ.get(PPE_ENV) if cls.pretrained else None
         if not path:
             return None
         path = os.path.abspath(os.path.expanduser(path))
-        if not os.path.isfile(path):
-            raise StageOneError(f"{PPE_ENV}={path}: no such file. Pretrain the prompt encoder first: nnunet-textguided "
-                                f"pretrain-ppe IMAGES_WITH_CAPTIONS_DIR -o {path}")
-        return {"path": path, "sha256": file_sha256(Path(path))}
+        return {"path": path, "sha256": file_sha256(Path(path)) if os.path.isfile(path) else None}
 
     # -- stage 1 -> stage 2 ------------------------------------------------------------------------------
     def initialise_ppe_from_stage1(self) -> list[str]:
@@ -130,10 +130,14 @@ class MPTPNTrainer(NoteGuidedTrainer):
                 f"run `nnunet-textguided pretrain-ppe IMAGES_WITH_CAPTIONS_DIR -o ppe.pth` (image-caption pairs, "
                 f"--text-encoder {s['text_encoder']} --max-tokens {s['max_tokens']} --base-channels "
                 f"{s['base_channels']}), then train with {PPE_ENV}=ppe.pth; or train MPTPNTrainer_noPretrain")
-        ckpt = load_ppe_checkpoint(ref["path"])
-        cfg, path = ckpt["config"], ref["path"]
-        if file_sha256(Path(path)) != ref["sha256"]:
-            raise StageOneError(f"{path} changed since this training was set up (sha256); restart the training")
+        path = ref["path"]
+        if ref["sha256"] is None or file_sha256(Path(path)) != ref["sha256"]:
+            raise StageOneError(f"{PPE_ENV}={path}: " + ("no such file" if ref["sha256"] is None else
+                                "the file changed since this training was set up") + ". Pretrain the prompt "
+                                f"encoder first (nnunet-textguided pretrain-ppe IMAGES_WITH_CAPTIONS_DIR -o {path}), "
+                                "then start the training again")
+        ckpt = load_ppe_checkpoint(path)
+        cfg = ckpt["config"]
         encoder = s["encoders"][s["text_encoder"]]
         wanted = {"text_encoder": s["text_encoder"], "text_weight_hash": encoder.get("weight_hash"),
                   "max_tokens": s["max_tokens"], "base_channels": s["base_channels"], "num_heads": s["num_heads"]}
@@ -172,27 +176,36 @@ class MPTPNTrainer(NoteGuidedTrainer):
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # a single output
 
-    def on_train_start(self):
-        super().on_train_start()
-        if self.current_epoch == 0:  # a fresh run; a resumed one has its trained weights from the checkpoint
-            if self.pretrained:
-                self.initialise_ppe_from_stage1()
-            else:
-                self.print_to_log_file("stage 1: none (MPTPNTrainer_noPretrain): the PPE starts from random weights")
+    #: True while load_checkpoint runs (--c, --val): the run's weights then all come from its checkpoint
+    _restoring = False
+
+    def initialize(self):
+        """nnU-Net's initialize, then stage 1 into the PPE — unless a checkpoint is being loaded. Runs before any
+        data is touched, so a missing or unfit stage 1 stops the run at once. (``-pretrained_weights`` are
+        loaded by nnU-Net after this and replace every tensor they name, the PPE's included.)"""
+        super().initialize()
+        if self._restoring:
+            return
+        if self.pretrained:
+            self.initialise_ppe_from_stage1()
+        else:
+            self.print_to_log_file("stage 1: none (MPTPNTrainer_noPretrain): the PPE starts from random weights")
 
     def load_checkpoint(self, filename_or_checkpoint):
-        """Resuming needs no stage-1 file: a run started without ``nnUNet_textguided_ppe`` takes the reference the
-        checkpoint recorded (the trained PPE is in the checkpoint), as does one naming the same file's content elsewhere;
-        a stage-1 checkpoint with other content is refused."""
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        saved = checkpoint["init_args"]["plans"]["configurations"][self.configuration_name].get("textguided", {})
-        current, recorded = self.textguided.get("stage1"), saved.get("stage1")
-        if recorded is not None and (current is None or current["sha256"] == recorded["sha256"]):
-            self.textguided["stage1"] = recorded  # the same stage 1 (perhaps moved since), or none given
-        super().load_checkpoint(filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else checkpoint)
+        self._restoring = True
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            self._restoring = False
 
+    def reconcile_saved_settings(self, saved: dict) -> None:
+        """A resumed run keeps the stage-1 reference it started from: its trained PPE is in the checkpoint, so
+        ``nnUNet_textguided_ppe`` may be unset, stale or name another file (which is then ignored, with a note)."""
+        current, recorded = self.textguided.get("stage1"), saved.get("stage1")
+        if current is not None and recorded is not None and current["sha256"] not in (None, recorded["sha256"]):
+            self.print_to_log_file(f"note: {PPE_ENV}={current['path']} is not the stage-1 checkpoint this run started "
+                                   f"from ({recorded['path']}); resuming takes every weight from the run's checkpoint")
+        self.textguided["stage1"] = recorded
 
 def _variant(name: str, doc: str, **changes) -> type:
     return type(name, (MPTPNTrainer,), {"variant": {**FULL, **changes}, "__doc__": doc, "__module__": __name__})

@@ -21,11 +21,11 @@ Views: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8), RandomGrayscale(0.2)
 random resized crop and the flip: captions name positions ("a red circle in the upper left"), which a crop or a
 flip would falsify (paper, Sec. 3.2.1). The blur kernel is ~10 % of the side (odd, >= 3).
 
-Normalisation, by choice: each view is z-scored per image and per channel ((x - mean) / max(std, 1e-8)) instead
-of the authors' ImageNet mean/std. That is what nnU-Net's default normalisation does to the stage-2 images, so
-the PPE's first convolution sees inputs on the same scale in both stages (an ImageNet-normalised stage 1 would
-feed it differently scaled, differently shifted inputs in stage 2). After a random grayscale the three channels
-are equal, as for a grey stage-2 image replicated to three channels.
+Normalisation, by choice: the views are z-scored per image and per channel ((x - mean) / max(std, 1e-8)) instead
+of the authors' ImageNet mean/std, with the mean and std of the un-augmented image (a view's own statistics would
+undo the jitter's brightness and contrast exactly). That is what nnU-Net's default normalisation does to the
+stage-2 images, so the PPE's first convolution sees inputs on the same scale in both stages (an
+ImageNet-normalised stage 1 would feed it differently scaled, differently shifted inputs in stage 2).
 
 Collapse monitor: per epoch and scale, ``z_std`` = mean over channels of the std over the batch of the
 l2-normalised z_i, times sqrt(c_i) (the SimSiam paper's diagnostic): -> 0 when SimSiam collapses to a constant;
@@ -33,9 +33,11 @@ l2-normalised z_i, times sqrt(c_i) (the SimSiam paper's diagnostic): -> 0 when S
 non-negative, its normalised vectors share a mean direction, and healthy values are lower (0.3-0.4 at
 initialisation, measured). A line warns when a scale falls below 0.1.
 
-Never lose work: the checkpoint is written atomically after every epoch; a rerun with the same settings resumes
-from it (a larger ``--epochs`` continues to the new total, with the cosine schedule of the new total), a rerun
-with other settings stops and names what differs. The RNGs are reseeded at the start of every epoch from (seed,
+Never lose work: the checkpoint is written atomically (flushed to disk, then renamed) after every epoch; a rerun
+with the same settings resumes an unfinished one (the images may have moved: the data are identified by their
+fingerprint), a rerun with other settings stops and names what differs. A larger ``--epochs`` continues a finished
+one to the new total (with the cosine schedule of the new total) after keeping the finished file as
+``<name>.epoch<N>.pth``: stage-2 runs may have used it (they record its sha256). The RNGs are reseeded at the start of every epoch from (seed,
 epoch), so an interrupted and resumed run repeats the uninterrupted one.
 
 Checkpoint (``torch.load(path, weights_only=True)`` reads it)::
@@ -56,6 +58,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -70,14 +73,14 @@ from tqdm import tqdm
 
 from ..conditioning.notes import NoteError, encode_notes, read_note
 from ..conditioning.slices import get_encoder
-from ..io import atomic_path
+from ..data.lvit import IMAGE_EXTENSIONS, image_files
+from ..io import atomic_path, atomic_torch_save
 from ..networks.mptpn import PromptEncoder, SimSiamPredictors
 
 __all__ = ["pretrain_ppe", "load_ppe_checkpoint", "PPECheckpointError", "find_image_captions", "simsiam_loss",
            "representation_std", "CHECKPOINT_FORMAT", "IMAGE_EXTENSIONS", "main"]
 
 CHECKPOINT_FORMAT = "nnunet_textguided.ppe/1"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PROG = "nnunet-textguided pretrain-ppe"
 #: z_std below this at any scale is reported as (beginning) collapse
 COLLAPSE_WARNING = 0.1
@@ -100,7 +103,7 @@ def find_image_captions(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of images with captions")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = image_files(folder)
     if not images:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); stage 1 needs images, each with "
                          "its caption <stem>.txt beside it")
@@ -168,10 +171,12 @@ def view_augmentation(image_size: Sequence[int]) -> v2.Compose:
     ])
 
 
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    """(..., C, H, W) -> z-scored per image and channel, as nnU-Net's default normalisation of stage-2 images."""
-    mean = x.mean((-2, -1), keepdim=True)
-    std = x.std((-2, -1), keepdim=True).clamp_min(1e-8)
+def zscore(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., C, H, W) z-scored per image and channel with the mean and std of ``like`` (default: x itself), as
+    nnU-Net's default normalisation does to stage-2 images."""
+    like = x if like is None else like
+    mean = like.mean((-2, -1), keepdim=True)
+    std = like.std((-2, -1), keepdim=True).clamp_min(1e-8)
     return (x - mean) / std
 
 
@@ -188,7 +193,9 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, i: int):
         x = load_image(self.images[i], self.image_size)
-        return zscore(self.augment(x)), zscore(self.augment(x)), i
+        # both views with the statistics of the un-augmented image: a view's own statistics would undo the
+        # colour jitter's brightness and contrast changes (per-channel gains and shifts) exactly
+        return zscore(self.augment(x), x), zscore(self.augment(x), x), i
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -263,9 +270,15 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _comparable(config: dict) -> dict:
+    """The config without the data folder's path: the same images and captions copied or mounted elsewhere (a
+    job's scratch disk) are the same data (``data.fingerprint``)."""
+    data = {k: v for k, v in config.get("data", {}).items() if k != "folder"}
+    return {**config, "data": data}
+
+
 def _save(ckpt: dict, output: Path) -> None:
-    with atomic_path(output, suffix=".pth") as tmp:
-        torch.save(ckpt, tmp)
+    atomic_torch_save(ckpt, output)
 
 
 # -- training -----------------------------------------------------------------------------------------------------
@@ -310,11 +323,17 @@ def _resume_state(output: Path, config: dict, epochs: int) -> dict | None:
     if output.is_dir():
         raise ValueError(f"{output} is a folder; -o names the checkpoint file to write (e.g. {output / 'ppe.pth'})")
     ckpt = _read_checkpoint(output)
-    diff = _config_differences(ckpt.get("config", {}), config)
+    diff = _config_differences(_comparable(ckpt.get("config", {})), _comparable(config))
     if diff:
         raise ValueError(f"{output} holds a PPE pretraining with other settings: {'; '.join(diff)}. Write this run to "
                          "another file (-o), or delete that file to start over")
     done = int(ckpt["epoch"])
+    if ckpt.get("complete") and epochs > done:  # stage-2 runs may have used it: keep it under another name
+        kept = output.with_name(f"{output.stem}.epoch{done}{output.suffix}")
+        if not kept.exists():
+            with atomic_path(kept, suffix=output.suffix) as tmp:
+                shutil.copyfile(output, tmp)
+        print(f"{output}: finished at {done} epochs, kept as {kept}; continuing to {epochs} epochs")
     if epochs < done or (epochs == done and not ckpt.get("complete")):
         raise ValueError(f"{output} has already trained {done} of {ckpt['epochs']} epochs; --epochs {epochs} would "
                          f"not continue it. Ask for --epochs {max(done, int(ckpt['epochs']))} (or more), or write to "
@@ -332,8 +351,9 @@ def pretrain_ppe(folder: str | os.PathLike, output: str | os.PathLike, *, text_e
     same settings; a complete one with ``epochs`` equal to its own is returned without training."""
     output = Path(output)
     size = tuple(int(s) for s in image_size)
-    if epochs < 1 or batch_size < 2:
-        raise ValueError(f"need --epochs >= 1 and --batch-size >= 2 (BatchNorm), got {epochs} and {batch_size}")
+    if epochs < 1 or batch_size < 2 or max_tokens < 2:
+        raise ValueError(f"need --epochs >= 1, --batch-size >= 2 (BatchNorm) and --max-tokens >= 2, got {epochs}, "
+                         f"{batch_size} and {max_tokens}")
     pairs = find_image_captions(folder)
     for image, _ in pairs:
         _check_readable(image)
@@ -417,7 +437,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default=os.environ.get("nnUNet_textguided_text_encoder", "minilm"),
                    help="text encoder spec (default: $nnUNet_textguided_text_encoder or minilm); stage 2 must use "
                    "the same")
-    p.add_argument("--max-tokens", type=int, default=10, help="caption tokens L (default 10, the paper's)")
+    p.add_argument("--max-tokens", type=int, default=int(os.environ.get("nnUNet_textguided_max_tokens", 10)),
+                   help="caption tokens L (default: $nnUNet_textguided_max_tokens or 10, the paper's); stage 2 must "
+                   "use the same")
     p.add_argument("--size", type=int, nargs="+", default=[224], metavar="S",
                    help="image size: S or H W, multiples of 16 (default 224)")
     p.add_argument("--base-channels", type=int, default=64, help="PPE width C (default 64)")

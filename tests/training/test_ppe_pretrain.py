@@ -80,20 +80,45 @@ def test_checkpoint_loads_weights_only_into_a_fresh_ppe(trained, captions):
     assert not torch.equal(state["image.stages.0.0.weight"], untrained["image.stages.0.0.weight"])  # it trained
 
 
-def test_resume_continues_and_a_finished_run_trains_nothing(captions, tmp_path, capsys):
+def test_a_finished_run_is_kept_when_continued_and_moved_images_are_the_same_data(captions, tmp_path,
+                                                                                                 capsys):
     output = tmp_path / "ppe.pth"
     first = pretrain_ppe(captions, output, epochs=2, **SETTINGS)
     assert first["complete"] and first["epoch"] == 2
+    before = _bytes(output)
     capsys.readouterr()
+    copy = output
     longer = pretrain_ppe(captions, output, epochs=3, **SETTINGS)
     out = capsys.readouterr().out
-    assert "resuming from epoch 2" in out
+    assert "kept as" in out and "resuming from epoch 2" in out
+    assert _bytes(tmp_path / "ppe.epoch2.pth") == before  # the finished 2-epoch file, bit for bit
     assert len(longer["history"]) == 3 and longer["history"][:2] == first["history"]
     assert longer["complete"] and longer["epochs"] == 3
-    before = _bytes(output)
-    again = pretrain_ppe(captions, output, epochs=3, **SETTINGS)
+    moved = tmp_path / "elsewhere"  # the same images and captions on another disk
+    shutil.copytree(captions, moved)
+    after = _bytes(copy)
+    again = pretrain_ppe(moved, copy, epochs=3, **SETTINGS)
     assert "complete" in capsys.readouterr().out
-    assert _bytes(output) == before and again["history"] == longer["history"]
+    assert _bytes(copy) == after and again["history"] == longer["history"]
+
+
+def test_the_collapse_monitor_tells_collapsed_from_spread_representations(captions, tmp_path, monkeypatch, capsys):
+    g = torch.Generator().manual_seed(0)
+    spread = torch.rand(16, 32, generator=g)
+    assert ppe_pretrain.representation_std(spread.expand(16, 32)[:1].expand(16, 32)) == pytest.approx(0, abs=1e-6)
+    assert ppe_pretrain.representation_std(torch.randn(64, 32, generator=g)) > 0.8  # isotropic: ~1
+    assert 0.1 < ppe_pretrain.representation_std(spread) < 0.8  # non-negative, like pooled ReLU maps
+    monkeypatch.setattr(ppe_pretrain, "representation_std", lambda z: 0.0)
+    pretrain_ppe(captions, tmp_path / "collapsed.pth", epochs=1, **SETTINGS)
+    out = capsys.readouterr()
+    assert "representations collapsing at scale(s) [0, 1, 2]" in out.out + out.err
+
+
+def test_jittered_views_keep_their_brightness_after_normalisation():
+    x = torch.rand(3, SIZE, SIZE)
+    brighter = (x * 0.6).clamp(0, 1)  # a brightness factor: a per-channel gain
+    assert not torch.allclose(ppe_pretrain.zscore(brighter, x), ppe_pretrain.zscore(x, x))
+    assert torch.allclose(ppe_pretrain.zscore(brighter), ppe_pretrain.zscore(x), atol=1e-5)  # own stats undo it
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(captions, tmp_path, monkeypatch):
