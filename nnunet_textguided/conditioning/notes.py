@@ -40,6 +40,11 @@ class NoteError(ValueError):
     """A case without a usable note (missing, empty, not UTF-8)."""
 
 
+NOTES_REQUIRED = ("this model segments each image with its clinical note, and no note was given. Predict with "
+                  "nnUNetv2_predict_textguided (same flags as nnUNetv2_predict) and put each case's note as "
+                  f"<CASE>{NOTE_SUFFIX} beside its images; stock nnUNetv2_predict cannot pass notes")
+
+
 class NotesRequiredError(Exception):
     """A note-guided network called without notes. Not a RuntimeError: nnU-Net's sliding window takes those
     for out-of-memory errors and retries on the CPU."""
@@ -107,6 +112,35 @@ def note_sha256(note: str | tuple[str, str | None]) -> str:
         text, extra = note
         note = text if extra is None else f"{text}\x00aux\x00{extra}"
     return hashlib.sha256(note.encode("utf-8")).hexdigest()
+
+
+def truncated_notes(spec: str, notes: dict, max_tokens: int) -> tuple[int, dict[str, int]]:
+    """(L, {case: token count}) for the notes of ``notes`` ({case: note or (note, auxiliary)}) longer than the L =
+    min(max_tokens, encoder context) tokens a model reads. The truncation rule (``token_states``): a note keeps
+    its first L tokens with its end token in the last kept position; the rest is never seen by the model."""
+    enc = get_encoder(spec)
+    limit = min(int(max_tokens), enc.context_length or int(max_tokens))
+    counts = {}
+    for case, note in notes.items():
+        n = max(enc.token_count(t) for t in (note if isinstance(note, tuple) else (note,)) if t is not None)
+        if n > limit:
+            counts[case] = n
+    return limit, counts
+
+
+def warn_truncated_notes(prog: str, spec: str, notes: dict, paths: dict, max_tokens: int, file=None) -> list[str]:
+    """Print one warning naming the notes (case, file, token count) that ``token_states`` truncates; returns
+    their cases."""
+    import sys
+    limit, counts = truncated_notes(spec, notes, max_tokens)
+    if counts:
+        listed = ", ".join(f"{c} ({paths[c]}, {n} tokens)" for c, n in list(counts.items())[:5])
+        more = f" (and {len(counts) - 5} more)" if len(counts) > 5 else ""
+        print(f"{prog}: warning: {len(counts)} of {len(notes)} notes are longer than the {limit} tokens this model "
+              f"reads (max_tokens {max_tokens}, encoder '{spec}'); each keeps its first {limit} tokens, ending with "
+              f"its end token, and the rest is not seen: {listed}{more}. Shorten these notes, or train with a larger "
+              "nnUNet_textguided_max_tokens", file=file or sys.stderr)
+    return list(counts)
 
 
 def encode_notes(spec: str, texts: list[str], max_tokens: int, device: torch.device | str = "cpu"
@@ -180,10 +214,7 @@ class NoteConditioner:
 
     def __call__(self, x: torch.Tensor):
         if self.tokens is None:
-            raise NotesRequiredError(
-                "this model segments each image with its clinical note, and no note was given. Predict with "
-                "nnUNetv2_predict_textguided (same flags as nnUNetv2_predict) and put each case's note as "
-                f"<CASE>{NOTE_SUFFIX} beside its images; stock nnUNetv2_predict cannot pass notes")
+            raise NotesRequiredError(NOTES_REQUIRED)
         tokens, mask = self.tokens.to(x.device), self.mask.to(x.device)
         if tokens.shape[0] == 1 and x.shape[0] != 1:
             tokens, mask = tokens.expand(x.shape[0], -1, -1), mask.expand(x.shape[0], -1)

@@ -194,6 +194,14 @@ class FrozenEncoder(nn.Module):
                     torch.zeros(0, max_length, dtype=torch.bool, device=self.device))
         return torch.cat(states), torch.cat(masks)
 
+    #: the most tokens the text tower reads (special tokens included); None for image towers
+    context_length: int | None = None
+
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text`` before any truncation, special tokens included (``token_states`` keeps the first
+        ``min(max_length, context_length)`` of them, its end token in the last kept position)."""
+        self._unsupported("token_count")
+
     def generate_captions(self, x01: torch.Tensor, batch_size: int = 16) -> list[str]:
         """(N, 3, H, W) in [0, 1] -> N captions (captioning kinds only: coca, tiny-coca)."""
         self._unsupported("generate_captions (only coca / tiny-coca caption images)")

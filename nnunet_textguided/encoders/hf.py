@@ -45,7 +45,7 @@ class HFEncoder(FrozenEncoder):
         if tokenizer is not None:
             super().__init__(spec, kind, hidden, token_dim=hidden, untrained=untrained, normalize=normalize)
             limits = [tokenizer.model_max_length, getattr(cfg, "max_position_embeddings", None), max_length]
-            self.max_length = int(min(v for v in limits if v))
+            self.max_length = self.context_length = int(min(v for v in limits if v))
         else:
             side, mean, std = _processor_geometry(processor, cfg)
             super().__init__(spec, kind, hidden, image_size=side, mean=mean, std=std, untrained=untrained,
@@ -67,6 +67,11 @@ class HFEncoder(FrozenEncoder):
         if self.tokenizer is None:
             self._unsupported("token_states (it is a vision model)")
         return self._run_text(texts, padding="max_length", max_length=min(max_length, self.max_length))
+
+    def token_count(self, text: str) -> int:
+        if self.tokenizer is None:
+            self._unsupported("token_count (it is a vision model)")
+        return len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
     def _encode_images(self, x):
         out = self.model(pixel_values=x)

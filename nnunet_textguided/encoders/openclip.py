@@ -71,6 +71,16 @@ class OpenClipEncoder(FrozenEncoder):
         super().__init__(spec, kind, model_cfg["embed_dim"], image_size=size, mean=pp.get("mean", OPENAI_MEAN),
                          std=pp.get("std", OPENAI_STD), token_dim=tok_dim, untrained=untrained)
         self.model, self.tokenizer, self.model_cfg = model, tokenizer, deepcopy(model_cfg)
+        ctx = text.context_length if isinstance(text, TextTransformer) else getattr(model, "context_length", None)
+        self.context_length = None if ctx is None else int(ctx)
+
+    def token_count(self, text: str) -> int:
+        if isinstance(self.tokenizer, SimpleTokenizer):
+            return len(self.tokenizer.encode(text)) + 2  # start and end tokens
+        tok = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if tok is None:
+            self._unsupported("token_count (this tokenizer)")
+        return len(tok(self.tokenizer.clean_fn(text), truncation=False, verbose=False)["input_ids"])
 
     def _encode_images(self, x):
         return self.model.encode_image(x, normalize=True)

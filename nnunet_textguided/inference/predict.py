@@ -38,14 +38,17 @@ import sys
 
 import numpy as np
 import torch
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 from ..conditioning.labels import (DEFAULT_LABEL_ENCODER, DEFAULT_MARGIN, DEFAULT_THRESHOLD, match_labels,
                                   split_phrases)
-from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_case_notes
+from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_case_notes, warn_truncated_notes
 from ..conditioning.slices import TableSliceConditioner
 from ..data.position_channels import append_position_channels
 from ..io import atomic_path, atomic_write_json
+from ..training.base import CheckpointError, EncoderMismatchError, describe_encoders, load_checkpoint_file
 
 PROG = "nnUNetv2_predict_textguided"
 
@@ -59,7 +62,46 @@ class LabelSelectionError(ValueError):
     pass
 
 
+class InputImageError(ValueError):
+    """An input image that cannot be predicted (NaN or infinite voxels)."""
+
+
+def check_image(data) -> str | None:
+    """'non-finite' (NaN/inf anywhere), 'constant' (one value everywhere) or None, for a case's preprocessed data."""
+    t = torch.as_tensor(data) if not torch.is_tensor(data) else data
+    if not bool(torch.isfinite(t).all()):
+        return "non-finite"
+    if t.numel() and bool(t.amax() == t.amin()):
+        return "constant"
+    return None
+
+
+def check_checkpoints(model_folder: str, use_folds, checkpoint_name: str) -> None:
+    """Read every checkpoint to be used with ``weights_only=True`` and check that the encoders it was trained with
+    are those the model folder's plans.json records (EncoderMismatchError names both and the fix)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    folds = nnUNetPredictor.auto_detect_available_folds(model_folder, checkpoint_name) if use_folds is None \
+        else ([use_folds] if isinstance(use_folds, str) else use_folds)
+    plans_file = os.path.join(model_folder, "plans.json")
+    plans = load_json(plans_file)
+    for f in folds:
+        path = os.path.join(model_folder, f"fold_{f}", checkpoint_name)
+        checkpoint = load_checkpoint_file(path)
+        configuration = checkpoint["init_args"]["configuration"]
+        saved = checkpoint["init_args"]["plans"]["configurations"][configuration].get("textguided", {})
+        folder = plans["configurations"].get(configuration, {}).get("textguided", {})
+        if saved.get("encoders", {}) != folder.get("encoders", {}):
+            raise EncoderMismatchError(
+                f"{path} was trained with encoders {describe_encoders(saved.get('encoders', {}))}, but {plans_file} "
+                f"of its model folder records {describe_encoders(folder.get('encoders', {}))}: the checkpoint "
+                "belongs to another model folder. Put the checkpoint back into the model folder it was trained in "
+                "(or use that folder's plans.json and dataset.json with it)")
+
+
 class TextGuidedPredictor(nnUNetPredictor):
+    #: note-guided networks may be built for this predictor (it passes each case's note); stock nnU-Net's
+    #: predictor is refused while building them (training.base._built_for_stock_predictor)
+    reads_notes = True
     #: universal models: {"labels": free text or None, "task": name or None, "threshold", "encoder"}
     label_selection: dict | None = None
     #: what the last initialisation selected and which outputs the last run wrote (read by ``main`` after
@@ -67,15 +109,45 @@ class TextGuidedPredictor(nnUNetPredictor):
     last_selection: dict | None = None
     last_outputs: list[str] | None = None
 
-    def initialize_from_trained_model_folder(self, *args, **kwargs):
-        super().initialize_from_trained_model_folder(*args, **kwargs)
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds=None,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        """nnU-Net's, after every checkpoint was read safely (``weights_only=True``: a checkpoint that pickles
+        arbitrary objects is refused before nnU-Net unpickles it) and checked to belong to this model folder: its
+        recorded encoders must be those of the folder's plans.json (a checkpoint copied from another model
+        folder would otherwise run with the wrong frozen encoders)."""
+        check_checkpoints(model_training_output_dir, use_folds, checkpoint_name)
+        super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         if self.label_selection:
             self.selection = self.select_labels(**self.label_selection)
             type(self).last_selection = self.selection
 
+    def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities: bool = False, overwrite: bool = True,
+                           num_processes_preprocessing: int = default_num_processes,
+                           num_processes_segmentation_export: int = default_num_processes,
+                           folder_with_segs_from_prev_stage: str = None, num_parts: int = 1, part_id: int = 0):
+        """nnU-Net's, after the notes of note-guided models were checked: nnU-Net writes its run record and the
+        model's dataset.json / plans.json into the output folder first, and a run that stops for a missing note
+        must leave an earlier run's folder as it was. (Same signature as nnU-Net's: it records its own arguments
+        by inspecting it.)"""
+        self._check_notes_first(list_of_lists_or_source_folder, num_parts, part_id)
+        return super().predict_from_files(list_of_lists_or_source_folder,
+                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                          folder_with_segs_from_prev_stage, num_parts, part_id)
+
+    def _check_notes_first(self, list_of_lists_or_source_folder, num_parts: int = 1, part_id: int = 0) -> None:
+        if not isinstance(_conditioner(self.network), NoteConditioner):
+            return
+        lists = list_of_lists_or_source_folder
+        if isinstance(lists, str):
+            lists = create_lists_from_splitted_dataset_folder(lists, self.dataset_json["file_ending"])
+        self.case_note_texts(lists[part_id::num_parts])  # NoteError: nothing written yet
+
     def _manage_input_and_output_lists(self, *args, **kwargs):
         lists = super()._manage_input_and_output_lists(*args, **kwargs)
         type(self).last_outputs = list(lists[1]) if lists[1] is not None else None  # this run's cases only
+        self._inputs_by_output = dict(zip(lists[1], lists[0])) if lists[1] is not None else {}
         if isinstance(_conditioner(self.network), NoteConditioner):
             notes = self.read_case_notes(lists[0])
             # for this run only: the parallel path finds a case's note by its output name, the sequential path
@@ -91,15 +163,21 @@ class TextGuidedPredictor(nnUNetPredictor):
         auxiliary notes): each case's ``<CASE>.txt`` (and, for those models, the optional ``<CASE>.aux.txt``)
         beside its first image file, encoded exactly like the embedding store encodes training notes. Every case
         is checked before anything is predicted; cases without a usable note stop the run (NoteError)."""
+        notes, paths = self.case_note_texts(list_of_lists)
+        cond = _conditioner(self.network)
+        warn_truncated_notes(PROG, cond.spec, notes, paths, cond.max_tokens)
+        # one at a time, exactly like the store (bitwise-equal tokens)
+        return [cond.encode([notes[c]], self.device) for c in paths]
+
+    def case_note_texts(self, list_of_lists: list[list[str]]) -> tuple[dict, dict]:
+        """({case: note}, {case: note file}) of the cases to predict; NoteError lists every case without a usable
+        note."""
         ending = self.dataset_json["file_ending"]
         paths = {}
         for files in list_of_lists:
             case = os.path.basename(files[0])[:-(len(ending) + 5)]
             paths[case] = note_path(os.path.dirname(files[0]), case)
-        cond = _conditioner(self.network)
-        notes = read_case_notes(paths, cond.aux)
-        # one at a time, exactly like the store (bitwise-equal tokens)
-        return [cond.encode([notes[c]], self.device) for c in paths]
+        return read_case_notes(paths, _conditioner(self.network).aux), paths
 
     def set_note(self, text: str, aux: str | None = None) -> None:
         """For the in-memory APIs (predict_single_npy_array ...): the note (and auxiliary note, for models that
@@ -118,10 +196,34 @@ class TextGuidedPredictor(nnUNetPredictor):
         cond.set_notes(*cond.encode([note], self.device))
 
     def predict_from_data_iterator(self, data_iterator, *args, **kwargs):
+        """nnU-Net's, with each case's note set (note-guided models) and cases whose image holds NaN or inf
+        skipped: the other cases are predicted, then the run stops with InputImageError naming the skipped ones
+        (nothing is written for them, so an earlier prediction of such a case stays as it was)."""
         notes = self.__dict__.pop("_case_notes", None)
+        skipped: list[str] = []
+        data_iterator = self._finite_cases(data_iterator, skipped)
         if notes is not None:
             data_iterator = self._with_notes(data_iterator, notes)
-        return super().predict_from_data_iterator(data_iterator, *args, **kwargs)
+        result = super().predict_from_data_iterator(data_iterator, *args, **kwargs)
+        if skipped:
+            raise InputImageError(f"{len(skipped)} case(s) were not predicted because their image holds NaN or "
+                                  f"infinite values: {'; '.join(skipped)}. Replace those voxels (e.g. by the "
+                                  "background intensity) and predict these cases again; the other cases were "
+                                  "predicted")
+        return result
+
+    def _finite_cases(self, data_iterator, skipped: list[str]):
+        for item in data_iterator:
+            problem = check_image(item["data"])
+            files = self.__dict__.get("_inputs_by_output", {}).get(item.get("ofile"))
+            where = ", ".join(files) if files else (item.get("ofile") or "the input image")
+            if problem == "non-finite":
+                skipped.append(where)
+                continue
+            if problem == "constant":
+                print(f"{PROG}: warning: {where} is constant (every voxel has the same value); its prediction says "
+                      "nothing about the image: check the file", file=sys.stderr)
+            yield item
 
     def _with_notes(self, data_iterator, notes):
         """Set each case's note just before nnU-Net predicts it (the loop pulls one case at a time)."""
@@ -143,6 +245,7 @@ class TextGuidedPredictor(nnUNetPredictor):
         """nnU-Net's sequential path (-npp 0 -nps 0): cases are predicted in list order, one call of
         ``predict_logits_from_preprocessed_data`` each, which takes the next note. (Same signature as nnU-Net's:
         it records its own arguments by inspecting this method's signature.)"""
+        self._check_notes_first(list_of_lists_or_source_folder)
         self._sequential = True
         try:
             return super().predict_from_files_sequential(
@@ -198,6 +301,9 @@ class TextGuidedPredictor(nnUNetPredictor):
                 "matches": [m.__dict__ for m in matches], "routing": {l: tasks[routing[i]] for i, l in enumerate(vocab)}}
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        if check_image(data) == "non-finite":  # the sequential path and the in-memory APIs
+            raise InputImageError("the image to predict holds NaN or infinite values; replace those voxels (e.g. by "
+                                  "the background intensity) and predict it again")
         cond = _conditioner(self.network)
         if getattr(self, "_sequential", False) and "_case_notes" in self.__dict__:
             cond.set_notes(*self._case_notes["in_order"].pop(0))
@@ -292,7 +398,7 @@ def main() -> None:
     sys.argv = [PROG] + rest
     try:
         stock.predict_entry_point()
-    except (LabelSelectionError, NoteError) as e:
+    except (LabelSelectionError, NoteError, InputImageError, EncoderMismatchError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except ValueError as e:  # UnknownLabelError

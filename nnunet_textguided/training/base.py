@@ -12,6 +12,7 @@ What it adds to nnUNetTrainer:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -27,6 +28,46 @@ NETWORK_BUILDERS: dict[str, NetworkBuilder] = {}
 
 class EncoderMismatchError(RuntimeError):
     pass
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read safely (truncated, not a checkpoint, or pickling arbitrary objects)."""
+
+
+def _plain(value):
+    """Numpy scalars (nnU-Net's logged metrics) -> Python numbers, recursively: checkpoints stay loadable with
+    ``torch.load(weights_only=True)`` without allow-listing anything."""
+    import numpy as np
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def load_checkpoint_file(path: str, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)``: tensors, containers and numbers only, never arbitrary code.
+    Numpy scalars and dtypes (checkpoints written by nnU-Net's own trainer log numpy floats) are allowed."""
+    import pickle
+
+    import numpy as np
+    allowed = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors, numbers and strings, so it is not loaded: unpickling them "
+            f"could run code ({str(e).splitlines()[-1] if str(e) else e}). Use checkpoints written by "
+            "nnUNetv2_train with a nnunet-textguided trainer, from a source you trust.") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({e}); it may be truncated by an interrupted "
+                              "copy: copy it again, or use checkpoint_best.pth / checkpoint_latest.pth") from None
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise CheckpointError(f"{path} is not an nnU-Net checkpoint (no network_weights)")
+    return checkpoint
 
 
 def register_network_builder(method: str):
@@ -53,13 +94,27 @@ def compare_encoder_records(saved: dict, current: dict, where: str) -> None:
     if saved == current:
         return
     raise EncoderMismatchError(
-        f"{where} was trained with encoders {_describe(saved)} but this run uses {_describe(current)}. "
+        f"{where} was trained with encoders {describe_encoders(saved)} but this run uses "
+        f"{describe_encoders(current)}. "
         "Use the same encoder specs (trainer settings / nnUNet_textguided_* environment variables) as the "
         "checkpoint, or start a new training.")
 
 
-def _describe(records: dict) -> str:
+def describe_encoders(records: dict) -> str:
     return ", ".join(f"{s} ({(r.get('weight_hash') or '?')[:12]})" for s, r in sorted(records.items())) or "none"
+
+
+def _built_for_stock_predictor() -> bool:
+    """The network is being built by nnU-Net's own predictor (stock nnUNetv2_predict), not a note-aware one: the
+    nearest ``initialize_from_trained_model_folder`` on the call stack belongs to a predictor without
+    ``reads_notes``. nnU-Net builds the network before it writes into the output folder, so refusing here leaves
+    an earlier run's output folder untouched."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "initialize_from_trained_model_folder" and "self" in frame.f_locals:
+            return not getattr(frame.f_locals["self"], "reads_notes", False)
+        frame = frame.f_back
+    return False
 
 
 class TextGuidedTrainer(nnUNetTrainer):
@@ -143,6 +198,9 @@ class TextGuidedTrainer(nnUNetTrainer):
         if settings is None:
             raise RuntimeError("this configuration has no 'textguided' settings: the model folder's plans.json was "
                                "not written by a nnunet-textguided trainer")
+        if settings.get("notes") and _built_for_stock_predictor():
+            from ..conditioning.notes import NOTES_REQUIRED, NotesRequiredError
+            raise NotesRequiredError(NOTES_REQUIRED)  # before nnU-Net writes anything into the output folder
         backbone = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                             num_output_channels, enable_deep_supervision)
         check_and_record_encoders(settings)
@@ -197,8 +255,8 @@ class TextGuidedTrainer(nnUNetTrainer):
             "network_weights": self.bare_network().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
+            "logging": _plain(self.logger.get_checkpoint()),
+            "_best_ema": _plain(self._best_ema),
             "current_epoch": self.current_epoch + 1,
             "init_args": self.my_init_kwargs,
             "trainer_name": self.__class__.__name__,
@@ -213,7 +271,7 @@ class TextGuidedTrainer(nnUNetTrainer):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            checkpoint = load_checkpoint_file(checkpoint, map_location=self.device)
         saved = checkpoint["init_args"]["plans"]["configurations"][self.configuration_name].get("textguided", {})
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         self.reconcile_saved_settings(saved)

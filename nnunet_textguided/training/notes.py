@@ -26,7 +26,7 @@ from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_p
 from tqdm import tqdm
 
 from ..conditioning.notes import NoteConditioner, NoteError, note_path, note_sha256, pack_note, read_case_notes, \
-    unpack_note
+    unpack_note, warn_truncated_notes
 from ..conditioning.store import EmbeddingStore
 from ..conditioning.slices import get_encoder
 from .base import TextGuidedTrainer, check_and_record_encoders
@@ -108,6 +108,10 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         notes = self.read_training_notes(cases)  # every note checked before anything is computed
         store = self.note_store()
         todo = [c for c in cases if not store.is_current(c, note_sha256(notes[c]))]
+        s = self.textguided
+        if todo:
+            warn_truncated_notes(type(self).__name__, s["text_encoder"], {c: notes[c] for c in todo},
+                                 {c: note_path(self.notes_folder(), c) for c in todo}, s["max_tokens"])
         encoder = self.note_encoder()
         # one note at a time, exactly as nnUNetv2_predict_textguided encodes a new case: batched matmuls may
         # differ in the last bits, and training and inference must see bitwise-equal tokens

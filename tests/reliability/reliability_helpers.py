@@ -24,8 +24,7 @@ NOTE_CONFIG = "2d_tiny"
 EXTRACT_ARGS = ["-d", str(REFERRING_ID), "-c", NOTE_CONFIG, "-tr", NOTE_TRAINER]
 PREDICT_ARGS = ("-d", REFERRING_ID, "-c", NOTE_CONFIG, "-f", 0, "-tr", NOTE_TRAINER, "-device", "cpu",
                 "-npp", 1, "-nps", 1)
-#: nnU-Net's predictor (stock and note-aware alike) rewrites this record of its arguments in the output folder
-#: before it reads the inputs (nnUNetPredictor.predict_from_files); see the reliability report (items 1-3, 12)
+#: nnU-Net's record of a prediction run's arguments in the output folder
 NNUNET_RUN_RECORD = "predict_from_raw_data_args.json"
 
 
@@ -143,5 +142,4 @@ def check_bad_note(referring_dataset: Path, tmp_path: Path, monkeypatch, capsys,
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "nnUNetv2_predict_textguided: error: 1 of 8 cases have no usable note" in r.stderr
     assert str(note) in r.stderr and all(e in r.stderr for e in expected), r.stderr[-2000:]
-    after = assert_unchanged(before, out, ignore={NNUNET_RUN_RECORD})
-    assert set(after) == set(before)  # no prediction written
+    assert snapshot(out) == before  # nothing written: no prediction, no run record, no dataset.json/plans.json

@@ -46,3 +46,27 @@ def test_prediction_refuses_other_weights_behind_the_recorded_encoder_spec(refer
     assert "Point the spec at the weights used for training, or retrain" in r.stderr
     assert snapshot(out) == before  # stopped while loading the model: nothing written
     assert_unchanged(model_before, model)
+
+
+def test_prediction_refuses_a_checkpoint_copied_from_a_model_trained_with_another_encoder(referring_dataset, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+    raw, _ = private_dataset(referring_dataset, tmp_path, monkeypatch)
+    monkeypatch.setenv("nnUNet_textguided_text_encoder", "tiny-bert")
+    other = tmp_path / "other_model"
+    shutil.copytree(build_model_folder(REFERRING_ID, NOTE_CONFIG, NOTE_TRAINER), other)  # trained with tiny-bert
+    monkeypatch.delenv("nnUNet_textguided_text_encoder")
+    model = build_model_folder(REFERRING_ID, NOTE_CONFIG, NOTE_TRAINER)  # the same folder, now with MiniLM
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    shutil.copy2(other / "fold_0" / "checkpoint_final.pth", checkpoint)  # a user copies the wrong file in
+    model_before = snapshot(model)
+    out = tmp_path / "out"
+    before = previous_predictions(out, model, raw / "labelsTs", ".png")
+    r = run_cmd("nnUNetv2_predict_textguided", "-i", raw / "imagesTs", "-o", out, *PREDICT_ARGS, check=False,
+                timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"nnUNetv2_predict_textguided: error: {checkpoint} was trained with encoders tiny-bert (" in r.stderr
+    assert f"but {model / 'plans.json'} of its model folder records minilm (" in r.stderr
+    assert "the checkpoint belongs to another model folder. Put the checkpoint back" in r.stderr
+    assert snapshot(out) == before
+    assert snapshot(model) == model_before
