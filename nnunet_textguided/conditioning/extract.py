@@ -4,6 +4,10 @@ Runs after `nnUNetv2_plan_and_preprocess` (and `nnunet-textguided add-config` fo
 skips every case whose stored embeddings match its preprocessed data and the encoder identity; shard large
 datasets across processes with -num_parts/-part_id like nnUNetv2_predict. Training extracts lazily what is
 missing, so this command is optional — it lets the extraction run once, ahead, on a GPU machine.
+
+Damaged entries (truncated, corrupt, of another encoder's dimension or another slice count) are recomputed with a
+warning naming the file; errors (a failed write, NaN embeddings) exit with status 2 and leave the entries stored so
+far unchanged.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     try:
         trainer = build_trainer(args.d, args.c, args.tr, args.p, device=args.device)
         counts = trainer.extract(num_parts=args.num_parts, part_id=args.part_id)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError) as e:  # StoreWriteError (disk full, read-only) is an OSError
         print(f"nnUNetv2_extract_textguided: error: {e}", file=sys.stderr)
         return 2
     print(f"embeddings computed: {counts['computed']}, already current: {counts['skipped']} "

@@ -522,7 +522,8 @@ def _remap_label(rw, src_file: Path, dst_file: Path, lut: dict[int, int], src: _
         raise FileNotFoundError(f"{src_file} is missing: every case of {src.folder} needs its label map")
     seg, props = rw.read_seg(str(src_file))
     values = np.unique(seg)
-    unknown = [v for v in values.tolist() if v not in lut]
+    # readers return float arrays (SimpleITK): print whole codes as ints ([3], not [3.0])
+    unknown = [int(v) if float(v).is_integer() else v for v in values.tolist() if v not in lut]
     if unknown:
         raise ValueError(f"{src_file} contains the values {unknown}, which {src.json_path} does not declare "
                          f"(declared: {sorted(lut)}); fix the label map or the dataset.json")

@@ -9,8 +9,8 @@ it predicts exactly like nnUNetv2_predict.
 Note-guided models (RecLMIS, TGC-Net, MPTPN) read each case's clinical note from ``<CASE>.txt`` beside its
 image files in the input folder and encode it exactly as the embedding store encoded the training notes. Every
 case is checked first: a case without a note (or with an empty one) stops the run with exit code 2 and the
-list of such cases, before anything is predicted. Stock nnUNetv2_predict refuses these models (it cannot pass
-notes).
+list of such cases, before anything is written into the output folder. Stock nnUNetv2_predict refuses these
+models while it builds the network (it cannot pass notes).
 
 Universal (merged, partial-label) models — CDPDNet — take more flags:
 
@@ -68,7 +68,9 @@ class InputImageError(ValueError):
 
 def check_image(data) -> str | None:
     """'non-finite' (NaN/inf anywhere), 'constant' (one value everywhere) or None, for a case's preprocessed data."""
-    t = torch.as_tensor(data) if not torch.is_tensor(data) else data
+    if isinstance(data, str):  # nnU-Net hands large cases over as a .npy file
+        data = np.load(data, mmap_mode="r")
+    t = data if torch.is_tensor(data) else torch.from_numpy(np.ascontiguousarray(data))
     if not bool(torch.isfinite(t).all()):
         return "non-finite"
     if t.numel() and bool(t.amax() == t.amin()):

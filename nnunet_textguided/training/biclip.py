@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..conditioning.slices import (OnlineSliceConditioner, SliceStream, TableSliceConditioner, slice_table,
                                    window_from_plans)
-from ..conditioning.store import EmbeddingStore
+from ..conditioning.store import EmbeddingStore, case_data_files, extract_command
 from ..data.position_channels import PositionAwareTransforms, PositionedDataset
 from ..networks.biclip import BiCLIPNetwork
 from .base import TextGuidedTrainer, check_and_record_encoders, register_network_builder, short_schedule
@@ -176,49 +176,78 @@ class BiCLIPTrainer_Net4(BiCLIPTrainer):
     """Ablation Net4: both streams (the full BiCLIP)."""
 
 
+class SliceTableStore(EmbeddingStore):
+    """A stream's per-slice tables: (slices of the preprocessed volume + 1, embed dim), row 0 the zero slice."""
+
+    def describe_mismatch(self, shape: tuple, expected: tuple) -> str:
+        if len(shape) == len(expected) == 2 and expected[0] not in (None, shape[0]):
+            return f"has {shape[0] - 1} slice rows but the preprocessed volume has {expected[0] - 1} slices"
+        return super().describe_mismatch(shape, expected)
+
+
 class BiCLIPTrainer_offline(BiCLIPTrainer):
     """Paper mode: embeddings of every full slice computed offline into the store, aligned to each patch's
     source slices through positional channels. Predict with nnUNetv2_predict_textguided."""
     mode = "offline"
 
     # -- the store ----------------------------------------------------------------------------------------
-    def slice_stores(self) -> list[tuple[SliceStream, EmbeddingStore]]:
+    def slice_stores(self) -> list[tuple[SliceStream, SliceTableStore]]:
         s = self.textguided
         out = []
         for stream in streams_of(s):
             identity = {"kind": "slice_table", "stream": stream.name, "encoder": stream.encoder,
                         "method": stream.method, "window": s["window"],
                         "weight_hash": s["encoders"][stream.encoder].get("weight_hash")}
-            out.append((stream, EmbeddingStore(self.preprocessed_dataset_folder, f"slices_{stream.name}", identity)))
+            out.append((stream, SliceTableStore(self.preprocessed_dataset_folder, f"slices_{stream.name}", identity,
+                                                command=extract_command(self))))
         return out
 
+    def _dataset(self, cases):
+        folder = self.preprocessed_dataset_folder
+        return infer_dataset_class(folder)(folder, cases)
+
+    @staticmethod
+    def table_shape(data) -> tuple[int, None]:
+        """Expected table shape of a preprocessed volume (C, D, H, W): the zero slice + one row per slice."""
+        return data.shape[1] + 1, None
+
     def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
-        """Compute missing or stale per-slice tables. Returns counts {'computed', 'skipped'}."""
+        """Compute missing, stale or damaged per-slice tables. Returns counts {'computed', 'skipped'}."""
         check_and_record_encoders(self.textguided)
         cases = sorted(cases or self.all_case_identifiers())[part_id::num_parts]
         stores = self.slice_stores()
-        dataset = infer_dataset_class(self.preprocessed_dataset_folder)(self.preprocessed_dataset_folder, cases)
+        dataset = self._dataset(cases)
+        window = tuple(self.textguided["window"])
         counts = {"computed": 0, "skipped": 0}
         for case in tqdm(cases, desc="slice embeddings", disable=not progress):
-            source = stores[0][1].source_hash(case)
-            todo = [(st, store) for st, store in stores if not store.is_current(case, source)]
+            data = dataset.load_case(case)[0]
+            source, shape = stores[0][1].source_hash(case), self.table_shape(data)
+            todo = [(st, store) for st, store in stores if not store.is_current(case, source, shape)]
             counts["skipped"] += len(stores) - len(todo)
             if not todo:
                 continue
-            data = np.asarray(dataset.load_case(case)[0][:], dtype=np.float32)
-            window = tuple(self.textguided["window"])
-            for st, store in todo:
-                store.save(case, slice_table(data, st, window, device=self.device).numpy(), source)
+            data = np.asarray(data[:], dtype=np.float32)
+            tables = [slice_table(data, st, window, device=self.device).numpy() for st, _ in todo]
+            for (st, _), table in zip(todo, tables):
+                if not np.isfinite(table).all():
+                    file = case_data_files(self.preprocessed_dataset_folder, case)[0]
+                    raise ValueError(f"the {st.name} slice embeddings of case {case} are NaN/inf (computed from "
+                                     f"{file}, {np.isfinite(data).mean():.2%} finite voxels); check the image {case} "
+                                     "for NaN/inf voxels and run nnUNetv2_plan_and_preprocess again")
+            for (_, store), table in zip(todo, tables):
+                store.save(case, table, source)
                 counts["computed"] += 1
         return counts
 
     def _register_tables(self) -> None:
+        """Extract what is missing, stale or damaged, then hand every case's tables to the conditioner."""
         cases = self.all_case_identifiers()
-        missing = [c for c in cases if not all(store.is_current(c) for _, store in self.slice_stores())]
-        if missing:
-            self.print_to_log_file(f"embedding store incomplete ({len(missing)} cases): extracting now")
-            self.extract(missing)
-        tables = {i: {st.name: torch.from_numpy(store.load(c)) for st, store in self.slice_stores()}
+        counts = self.extract(cases, progress=False)
+        if counts["computed"]:
+            self.print_to_log_file(f"embedding store incomplete: {counts['computed']} slice tables extracted now")
+        dataset = self._dataset(cases)
+        shapes = {c: self.table_shape(dataset.load_case(c)[0]) for c in cases}
+        tables = {i: {st.name: torch.from_numpy(store.load(c, shapes[c])) for st, store in self.slice_stores()}
                   for i, c in enumerate(cases)}
         self._conditioner().set_tables(tables)
 

@@ -26,6 +26,9 @@ the paper's are ``openclip:ViT-B-32@openai`` and ``hf:facebook/dinov2-base``.
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from nnunetv2.utilities.helpers import dummy_context
@@ -48,6 +51,32 @@ from .base import TextGuidedTrainer, register_network_builder, short_schedule
 #:   authors' initialisation small organs start learning 3x later on the phantom merge).
 PAPER_OPEN_CHOICES = {"dino_image_size": 98, "dino_normalize": False, "slice_pool": 14, "text_dim": 256,
                       "fusion_window": [3, 3, 3], "fusion_heads": 4, "fusion_depth": 2, "identity_init": True}
+
+
+class PartialLabelError(ValueError):
+    """A training case's label map holds label codes that its task (source dataset) does not annotate, or the
+    preprocessed data has cases the merged dataset.json does not list."""
+
+
+def label_values(seg) -> list[int]:
+    """The distinct values of a label map (numpy array or nnU-Net's blosc2 array), sorted. Integer maps of up to
+    16 bits are counted with ``bincount`` in slabs (no sort, bounded temporary memory)."""
+    a = np.ascontiguousarray(seg[...])
+    if a.dtype.kind in "iu" and a.dtype.itemsize <= 2:
+        u = a.reshape(-1).view(f"u{a.dtype.itemsize}")
+        present = np.zeros(1 << (8 * a.dtype.itemsize), bool)
+        step = 1 << 24
+        for i in range(0, u.size, step):
+            present |= np.bincount(u[i:i + step], minlength=present.size) > 0
+        return sorted(int(v) for v in np.flatnonzero(present).astype(u.dtype).view(a.dtype))
+    return [int(v) if float(v).is_integer() else float(v) for v in np.unique(a).tolist()]
+
+
+def _preprocessed_seg_file(folder: str, case: str) -> str:
+    for name in (f"{case}_seg.b2nd", f"{case}_seg.npy", f"{case}.npz"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return os.path.join(folder, f"{case}_seg.b2nd")
 
 
 def route_labels(task_labels: list[list[str]], labels: list[str], wanted: list[str] | None = None,
@@ -175,6 +204,67 @@ class CDPDNetTrainer(TextGuidedTrainer):
                 **PAPER_OPEN_CHOICES}
 
     # -- nnU-Net hooks --------------------------------------------------------------------------------------
+    def on_train_start(self):
+        self.check_partial_labels()  # before nnU-Net builds the network or writes anything
+        super().on_train_start()
+
+    def check_partial_labels(self) -> None:
+        """Every preprocessed training case (what training reads) may contain only background 0, nnU-Net's -1
+        (outside the cropped non-zero region), the ignore label if any, and the codes of the labels its task
+        annotates; raise :class:`PartialLabelError` naming each offending file otherwise. Reads the label maps
+        only (no image data), caches nothing."""
+        from nnunetv2.paths import nnUNet_raw
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        u, folder = self.universal, self.preprocessed_dataset_folder
+        cases = self.all_case_identifiers()
+        missing = [c for c in cases if c not in u.cases]
+        if missing:
+            raise PartialLabelError(
+                f"{len(missing)} of {len(cases)} preprocessed cases in {folder} are not in dataset.json's "
+                f"textguided_universal.cases (first: {missing[0]}): the preprocessed data does not come from this "
+                "merged dataset; re-run `nnunet-textguided merge` and nnUNetv2_plan_and_preprocess")
+        base = {0, -1} | ({int(self.label_manager.ignore_label)} if self.label_manager.ignore_label is not None
+                          else set())
+        names = {code: label for label, code in u.codes.items()}
+        raw = nnUNet_raw.get()
+        fe = self.dataset_json.get("file_ending", "")
+        dataset = self.plans_manager.dataset_name
+        dataset_class = infer_dataset_class(folder)
+        data = dataset_class(folder, list(cases))
+        bad, sources = [], {}
+        for case in cases:
+            t = u.task_of(case)
+            task, annotated = u.tasks[t]
+            allowed = base | {u.codes[label] for label in annotated}
+            values = label_values(data.load_case(case)[1])
+            foreign = [v for v in values if v not in allowed]
+            if not foreign:
+                continue
+            what = ", ".join(f"{v} = {names[v]!r}" if v in names else f"{v} = no label of dataset.json"
+                             for v in foreign)
+            labels = ", ".join(f"{u.codes[label]} = {label!r}" for label in annotated)
+            where = ""
+            if raw:
+                meta = u.cases[case]
+                where = f"; preprocessed from {os.path.join(raw, dataset, 'labelsTr', case + fe)}"
+                if u.sources[t] and meta.get("source_case"):
+                    split = "labelsTs" if meta.get("split") == "Ts" else "labelsTr"
+                    where += f", merged from {os.path.join(raw, u.sources[t], split, meta['source_case'] + fe)}"
+                    sources[u.sources[t]] = os.path.join(raw, u.sources[t], "dataset.json")
+            bad.append(f"  {_preprocessed_seg_file(folder, case)} (case {case}, task {task!r}) contains the values "
+                       f"{foreign} ({what}), which task {task!r} does not annotate (its labels: {labels}; besides "
+                       f"them only background 0{' and the ignore label' if len(base) > 2 else ''} may occur){where}")
+        if bad:
+            shown = bad if len(bad) <= 10 else bad[:10] + [f"  ... and {len(bad) - 10} more"]
+            declare = f" ({', '.join(sources.values())})" if sources else ""
+            raise PartialLabelError(
+                f"{len(bad)} of {len(cases)} training cases of {dataset} hold labels outside their task's annotated "
+                "set; a partially labelled case may only contain the labels its source dataset annotates (the loss "
+                "of every other label is masked, so these voxels would be trained on inconsistently):\n"
+                + "\n".join(shown) + "\nFix: fix the label map and rerun `nnunet-textguided merge` and "
+                "`nnUNetv2_plan_and_preprocess`, or declare the label in the source dataset.json" + declare + ".")
+
     def _do_i_compile(self):
         return False  # the network switches tasks between calls (per batch / per label routing)
 

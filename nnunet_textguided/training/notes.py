@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..conditioning.notes import NoteConditioner, NoteError, note_path, note_sha256, pack_note, read_case_notes, \
     unpack_note, warn_truncated_notes
-from ..conditioning.store import EmbeddingStore
+from ..conditioning.store import EmbeddingStore, extract_command
 from ..conditioning.slices import get_encoder
 from .base import TextGuidedTrainer, check_and_record_encoders
 
@@ -87,7 +87,9 @@ class NoteGuidedTrainer(TextGuidedTrainer):
                     "weight_hash": s["encoders"][s["text_encoder"]].get("weight_hash")}
         if s.get("aux_notes"):
             identity["aux_notes"] = True
-        return EmbeddingStore(self.preprocessed_dataset_folder, "notes", identity)
+        tokens = s["max_tokens"] * (2 if s.get("aux_notes") else 1)
+        return EmbeddingStore(self.preprocessed_dataset_folder, "notes", identity, command=extract_command(self),
+                              entry_shape=(tokens, None))
 
     def read_training_notes(self, cases: list[str]) -> dict:
         """{case: note} ({case: (note, auxiliary note or None)} with ``aux_notes``) from the raw dataset; one error

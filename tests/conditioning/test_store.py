@@ -121,3 +121,20 @@ def test_training_extracts_lazily_when_the_store_is_missing(offline_trainer, enc
     tr._register_tables()
     n = len(tr.all_case_identifiers())
     assert len(encoder_calls) == 2 * n and len(tr.network.conditioner.tables) == n
+
+
+def test_damaged_or_foreign_entries_are_not_current_and_refused_by_name(tmp_path, capsys):
+    from nnunet_textguided.conditioning.store import StoreEntryError
+    (tmp_path / "c1.b2nd").write_bytes(b"v")
+    store = EmbeddingStore(tmp_path, "s", {"encoder": "x"}, command="extract it", entry_shape=(3, None))
+    source = store.source_hash("c1")
+    store.save("c1", np.ones((3, 4), np.float32), source)
+    assert store.is_current("c1", source)
+    np.save(store.root / "c1.npy", np.ones((2, 4), np.float32))  # another length, e.g. another max_tokens
+    assert not store.is_current("c1", source)
+    assert f"recomputing {store.root / 'c1.npy'}: it is corrupt" in capsys.readouterr().err  # sha256 of the record
+    store.save("c1", np.ones((2, 4), np.float32), source)  # the record agrees: the entry shape still refuses it
+    with pytest.raises(StoreEntryError, match=r"c1.npy has shape \(2, 4\), expected \(3, \*\); run `extract it`"):
+        store.load("c1")
+    with pytest.raises(RuntimeError, match="records entries"):  # the manifest's format: one identity, one encoder
+        store.save("c1", np.ones((3, 5), np.float32), source)

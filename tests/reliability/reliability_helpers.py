@@ -143,3 +143,28 @@ def check_bad_note(referring_dataset: Path, tmp_path: Path, monkeypatch, capsys,
     assert "nnUNetv2_predict_textguided: error: 1 of 8 cases have no usable note" in r.stderr
     assert str(note) in r.stderr and all(e in r.stderr for e in expected), r.stderr[-2000:]
     assert snapshot(out) == before  # nothing written: no prediction, no run record, no dataset.json/plans.json
+
+
+def extract_output(argv, capsys) -> tuple[int, str, str]:
+    """``nnUNetv2_extract_textguided`` in this process: (exit status, stdout, stderr)."""
+    from nnunet_textguided.conditioning.extract import main
+    capsys.readouterr()
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def forge_store_entry(entry: Path, array) -> None:
+    """Replace a store entry (``<case>.npy``) by ``array`` with a ``<case>.json`` record consistent with it (same source
+    hash): what an entry of another encoder or of another volume looks like when copied into the store."""
+    import io
+
+    import numpy as np
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    data, record = buffer.getvalue(), Path(entry).with_suffix(".json")
+    meta = json.loads(record.read_text())
+    meta.update(shape=list(array.shape), dtype=str(array.dtype), size=len(data),
+                sha256=hashlib.sha256(data).hexdigest())
+    Path(entry).write_bytes(data)
+    record.write_text(json.dumps(meta, indent=2, sort_keys=True))
