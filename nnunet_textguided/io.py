@@ -100,3 +100,44 @@ def staged_dataset_folder(raw_root: Path, dataset_id: int, dataset_name: str, ov
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A torch file that is truncated, not a torch file, or pickles objects that could run code when loaded."""
+
+
+def numpy_safe_globals() -> list:
+    """Numpy scalars and dtypes as nnU-Net's trainers pickle them (numpy 1.x and 2.x module paths): data, never
+    code, so ``torch.load(weights_only=True)`` may rebuild them."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object)) if n.endswith("DType")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *dtypes]
+
+
+def safe_torch_load(path, map_location="cpu", what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` with numpy scalars allowed: tensors, containers, numbers and strings
+    only. Every failure is an UnsafeCheckpointError naming the file and what to do."""
+    import pickle
+
+    import torch
+    if not os.path.isfile(path):
+        raise UnsafeCheckpointError(f"{path} does not exist")
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line
+                       or "Unsupported class" in line), None)
+        if reason:
+            raise UnsafeCheckpointError(
+                f"{path} holds objects other than tensors, numbers and strings, so it is not loaded: unpickling them "
+                f"could run code ({reason}). Use a {what} from a source you trust, saved as tensors and numbers"
+            ) from None
+        raise UnsafeCheckpointError(f"{path} is not a readable {what} ({str(e).splitlines()[0]}); it may be "
+                                    "truncated by an interrupted copy: copy it again") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UnsafeCheckpointError(f"{path} is not a readable {what} ({e}); it may be truncated by an interrupted "
+                                    "copy: copy it again") from None

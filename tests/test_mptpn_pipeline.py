@@ -41,7 +41,7 @@ def test_stage1_initialised_the_run_and_the_checkpoint_holds_the_network_only(tr
     _, folder, ppe = trained
     log = "".join(p.read_text() for p in (folder / "fold_0").glob("training_log_*.txt"))
     assert f"stage 1: PPE initialised from {ppe}" in log and "3 -> 1 input channels" in log
-    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert {k.split(".")[0] for k in ck["network_weights"]} == {"ppe", "msff", "up", "head"}
     settings = ck["init_args"]["plans"]["configurations"]["2d_tiny"]["textguided"]
     assert settings["stage1"]["path"] == str(ppe) and settings["max_tokens"] == 10

@@ -28,7 +28,7 @@ def trained(referring_dataset):
 
 def test_checkpoint_keeps_training_only_modules_apart_and_validation_is_scored(trained):
     _, folder = trained
-    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     parts = ("cvr", "clr", "interest", "reconstructor")
     assert ck["training_only_weights"] and not any(p in k for k in ck["network_weights"] for p in parts)
     assert {k.split(".")[0] for k in ck["network_weights"]} == {"encoder", "text_proj", "interaction", "decoder"}

@@ -60,7 +60,7 @@ def test_training_outputs(trained, trainer):
     summary = load_summary_json(str(fold / "validation" / "summary.json"))
     assert {"Dice", "IoU", "HD95", "Precision", "Recall", "Accuracy", "IoU_fgbg"} <= set(summary["foreground_mean"])
     assert set(summary["mean"]) == {1, 2, 3} and {"mIoU", "mIoU_fgbg", "Accuracy"} <= set(summary["case_mean"])
-    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     keys = list(ckpt["network_weights"])
     # frozen encoders are not part of the checkpoint; the checkpoint records their specs and weight hashes
     assert not any(k.startswith(("encoder_", "_conditioner", "conditioner")) for k in keys)
@@ -76,7 +76,7 @@ def test_biclip_nnformer_trains_and_predicts_with_stock_commands(trained_nnforme
     fold = model_dir(trainer, "3d_nnformer_tiny") / "fold_0"
     summary = load_summary_json(str(fold / "validation" / "summary.json"))
     assert "HD95" in summary["foreground_mean"]
-    keys = list(torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"])
+    keys = list(torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=True)["network_weights"])
     assert any(k.startswith("backbone.encoder.") for k in keys)
     # Net1 is nnFormer alone; Net2-4 add adapters and the two fused attention layers
     assert any(k.startswith("attention.1.") for k in keys) == (trainer != "nnFormerTrainer_2epochs")

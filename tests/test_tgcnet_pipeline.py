@@ -108,7 +108,7 @@ def predictions(trained, notes_ts, tmp_path_factory):
 
 def test_checkpoint_holds_no_encoder_weights_and_validation_is_scored(trained):
     _, folder = trained
-    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert {k.split(".")[0] for k in ck["network_weights"]} == TOP_LEVEL
     assert not any("conditioner" in k or "encoder.model" in k for k in ck["network_weights"])
     assert "training_only_weights" not in ck and ck["inference_allowed_mirroring_axes"] is None

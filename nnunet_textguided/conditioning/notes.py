@@ -118,7 +118,7 @@ def truncated_notes(spec: str, notes: dict, max_tokens: int) -> tuple[int, dict[
     """(L, {case: token count}) for the notes of ``notes`` ({case: note or (note, auxiliary)}) longer than the L =
     min(max_tokens, encoder context) tokens a model reads. The truncation rule (``token_states``): a note keeps
     its first L tokens with its end token in the last kept position; the rest is never seen by the model."""
-    enc = get_encoder(spec)
+    enc = get_encoder(spec, device=None)  # tokenising only: the shared encoder stays where it is
     limit = min(int(max_tokens), enc.context_length or int(max_tokens))
     counts = {}
     for case, note in notes.items():

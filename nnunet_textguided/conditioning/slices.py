@@ -27,13 +27,14 @@ DEFAULT_WINDOW = (-2.5, 2.5)
 _ENCODER_CACHE: dict[str, FrozenEncoder] = {}
 
 
-def get_encoder(spec: str, device: torch.device | str = "cpu") -> FrozenEncoder:
-    """Load an encoder once per process (training, validation and extraction share it)."""
+def get_encoder(spec: str, device: torch.device | str | None = "cpu") -> FrozenEncoder:
+    """Load an encoder once per process (training, validation and extraction share it); ``device=None`` leaves it
+    where it is."""
     enc = _ENCODER_CACHE.get(spec)
     if enc is None:
         enc = load_encoder(spec, device="cpu")
         _ENCODER_CACHE[spec] = enc
-    return enc.to(device)
+    return enc if device is None else enc.to(device)
 
 
 def window_from_plans(plans: dict, configuration: dict) -> tuple[float, float]:

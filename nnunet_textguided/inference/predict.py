@@ -132,19 +132,28 @@ class TextGuidedPredictor(nnUNetPredictor):
         model's dataset.json / plans.json into the output folder first, and a run that stops for a missing note
         must leave an earlier run's folder as it was. (Same signature as nnU-Net's: it records its own arguments
         by inspecting it.)"""
-        self._check_notes_first(list_of_lists_or_source_folder, num_parts, part_id)
+        self._check_notes_first(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                overwrite, num_parts, part_id)
         return super().predict_from_files(list_of_lists_or_source_folder,
                                           output_folder_or_list_of_truncated_output_files, save_probabilities,
                                           overwrite, num_processes_preprocessing, num_processes_segmentation_export,
                                           folder_with_segs_from_prev_stage, num_parts, part_id)
 
-    def _check_notes_first(self, list_of_lists_or_source_folder, num_parts: int = 1, part_id: int = 0) -> None:
+    def _check_notes_first(self, list_of_lists_or_source_folder, outputs, overwrite: bool = True,
+                           num_parts: int = 1, part_id: int = 0) -> None:
+        """The notes of the cases this run will predict (this part's; with --continue_prediction, those without a
+        prediction yet), read before anything is written: NoteError."""
         if not isinstance(_conditioner(self.network), NoteConditioner):
             return
+        ending = self.dataset_json["file_ending"]
         lists = list_of_lists_or_source_folder
         if isinstance(lists, str):
-            lists = create_lists_from_splitted_dataset_folder(lists, self.dataset_json["file_ending"])
-        self.case_note_texts(lists[part_id::num_parts])  # NoteError: nothing written yet
+            lists = create_lists_from_splitted_dataset_folder(lists, ending)
+        lists = lists[part_id::num_parts]
+        if not overwrite and isinstance(outputs, str):
+            lists = [files for files in lists if not os.path.isfile(
+                os.path.join(outputs, os.path.basename(files[0])[:-(len(ending) + 5)] + ending))]
+        self.case_note_texts(lists)  # NoteError: nothing written yet
 
     def _manage_input_and_output_lists(self, *args, **kwargs):
         lists = super()._manage_input_and_output_lists(*args, **kwargs)
@@ -247,8 +256,9 @@ class TextGuidedPredictor(nnUNetPredictor):
         """nnU-Net's sequential path (-npp 0 -nps 0): cases are predicted in list order, one call of
         ``predict_logits_from_preprocessed_data`` each, which takes the next note. (Same signature as nnU-Net's:
         it records its own arguments by inspecting this method's signature.)"""
-        self._check_notes_first(list_of_lists_or_source_folder)
-        self._sequential = True
+        self._check_notes_first(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                overwrite)
+        self._sequential, self._sequential_index = True, 0
         try:
             return super().predict_from_files_sequential(
                 list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files, save_probabilities,
@@ -303,9 +313,16 @@ class TextGuidedPredictor(nnUNetPredictor):
                 "matches": [m.__dict__ for m in matches], "routing": {l: tasks[routing[i]] for i, l in enumerate(vocab)}}
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        if check_image(data) == "non-finite":  # the sequential path and the in-memory APIs
-            raise InputImageError("the image to predict holds NaN or infinite values; replace those voxels (e.g. by "
-                                  "the background intensity) and predict it again")
+        if check_image(data) == "non-finite":  # the sequential path (stops at the case) and the in-memory APIs
+            where = "the image to predict"
+            if getattr(self, "_sequential", False):
+                inputs = list(self.__dict__.get("_inputs_by_output", {}).values())
+                if self._sequential_index < len(inputs):
+                    where = ", ".join(inputs[self._sequential_index])
+            raise InputImageError(f"{where} holds NaN or infinite values; replace those voxels (e.g. by the "
+                                  "background intensity) and predict it again")
+        if getattr(self, "_sequential", False):
+            self._sequential_index += 1
         cond = _conditioner(self.network)
         if getattr(self, "_sequential", False) and "_case_notes" in self.__dict__:
             cond.set_notes(*self._case_notes["in_order"].pop(0))

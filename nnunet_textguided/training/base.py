@@ -31,7 +31,8 @@ class EncoderMismatchError(RuntimeError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read safely (truncated, not a checkpoint, or pickling arbitrary objects)."""
+    """A checkpoint that cannot be read safely (missing, truncated, not a checkpoint, or pickling arbitrary
+    objects)."""
 
 
 def _plain(value):
@@ -48,23 +49,13 @@ def _plain(value):
 
 
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)``: tensors, containers and numbers only, never arbitrary code.
-    Numpy scalars and dtypes (checkpoints written by nnU-Net's own trainer log numpy floats) are allowed."""
-    import pickle
-
-    import numpy as np
-    allowed = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
+    """A checkpoint read with ``torch.load(weights_only=True)`` (io.safe_torch_load): tensors, containers and numbers
+    only, never arbitrary code. CheckpointError names the file and the fix."""
+    from ..io import UnsafeCheckpointError, safe_torch_load
     try:
-        with torch.serialization.safe_globals(allowed):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds objects other than tensors, numbers and strings, so it is not loaded: unpickling them "
-            f"could run code ({str(e).splitlines()[-1] if str(e) else e}). Use checkpoints written by "
-            "nnUNetv2_train with a nnunet-textguided trainer, from a source you trust.") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({e}); it may be truncated by an interrupted "
-                              "copy: copy it again, or use checkpoint_best.pth / checkpoint_latest.pth") from None
+        checkpoint = safe_torch_load(path, map_location)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise CheckpointError(f"{path} is not an nnU-Net checkpoint (no network_weights)")
     return checkpoint

@@ -133,9 +133,21 @@ class BiCLIPTrainer(TextGuidedTrainer):
         """Initialise the nnFormer backbone from a local nnFormer checkpoint (set
         ``nnUNet_textguided_nnformer_weights``); the fused attention layers then start from the loaded last
         bottleneck layer. Everything not loaded is reported in the log."""
+        import torch
+
+        from ..io import UnsafeCheckpointError, numpy_safe_globals, safe_torch_load
         from ..networks.nnformer import load_nnformer_checkpoint
         net = self.bare_network()
-        report = load_nnformer_checkpoint(net.backbone, path, weights_only=False)
+        trusted = self.setting("nnUNet_textguided_nnformer_weights_trusted", "0") == "1"
+        if not trusted:
+            try:
+                safe_torch_load(path, what="nnFormer checkpoint")  # refuses pickled code before anything loads it
+            except UnsafeCheckpointError as e:
+                raise UnsafeCheckpointError(
+                    f"{e}. nnFormer's own .model files pickle numpy objects: if you trust this file, set "
+                    "nnUNet_textguided_nnformer_weights_trusted=1 to load it with full unpickling") from None
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            report = load_nnformer_checkpoint(net.backbone, path, weights_only=not trusted)
         net.reset_attention_from_bottleneck()
         self.print_to_log_file(
             f"nnFormer weights {path}: {report['matched']} tensors loaded; missing {report['missing']}; "
@@ -247,7 +259,8 @@ class BiCLIPTrainer_offline(BiCLIPTrainer):
             self.print_to_log_file(f"embedding store incomplete: {counts['computed']} slice tables extracted now")
         dataset = self._dataset(cases)
         shapes = {c: self.table_shape(dataset.load_case(c)[0]) for c in cases}
-        tables = {i: {st.name: torch.from_numpy(store.load(c, shapes[c])) for st, store in self.slice_stores()}
+        stores = self.slice_stores()
+        tables = {i: {st.name: torch.from_numpy(store.load(c, shapes[c])) for st, store in stores}
                   for i, c in enumerate(cases)}
         self._conditioner().set_tables(tables)
 

@@ -64,3 +64,15 @@ def test_nan_and_inf_cases_are_refused_by_name_and_a_constant_image_is_warned_ab
     assert after[f"{nan_image.name[:-12]}.nii.gz"] == before[f"{nan_image.name[:-12]}.nii.gz"]  # not overwritten
     for case in (constant_image.name[:-12], "phantom_inf"):  # predicted
         assert after[f"{case}.nii.gz"] != before[f"{case}.nii.gz"]
+
+    # nnU-Net's sequential path (-npp 0 -nps 0) stops at the case, naming its file
+    only_nan = tmp_path / "in_nan"
+    only_nan.mkdir()
+    shutil.copy2(nan_image, only_nan / nan_image.name)
+    for sidecar in inputs.glob(nan_image.name[:-12] + ".*txt"):
+        shutil.copy2(sidecar, only_nan / sidecar.name)
+    r = run_cmd("nnUNetv2_predict_textguided", "-i", only_nan, "-o", out, "-d", PHANTOM_ID, "-c", "3d_tiny", "-f", 0,
+                "-tr", TRAINER, "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta", check=False, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"nnUNetv2_predict_textguided: error: {only_nan / nan_image.name} holds NaN or infinite values" in r.stderr
+    assert snapshot(out)[f"{nan_image.name[:-12]}.nii.gz"] == before[f"{nan_image.name[:-12]}.nii.gz"]

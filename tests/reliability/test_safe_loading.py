@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import nnunet_textguided
-from nnunet_textguided.conditioning.store import EmbeddingStore
+from nnunet_textguided.conditioning.store import EmbeddingStore, StoreEntryError
 
 MARKER = Path("/nonexistent")  # replaced per test
 
@@ -27,7 +27,7 @@ def test_a_pickled_store_entry_is_refused_without_running_it(tmp_path, monkeypat
     store.save("c1", np.zeros((2, 3), np.float32), store.source_hash("c1"))
     entry = store.root / "c1.npy"
     np.save(entry, np.array([Payload()], dtype=object), allow_pickle=True)  # a shared store with a poisoned file
-    with pytest.raises(ValueError, match="allow_pickle=False"):
+    with pytest.raises(StoreEntryError, match=r"is not a plain numpy array \(pickled objects are refused"):
         store.load("c1")
     assert not MARKER.exists()
 

@@ -109,7 +109,11 @@ def test_nnformer_schedule_and_deep_supervision(preset, weights, monkeypatch):
         assert loss.weight_factors == pytest.approx(weights)
 
 
-def test_nnformer_checkpoint_initialises_backbone_and_fused_layers(tmp_path):
+class PickledObject:
+    """Stands for what nnFormer's .model files pickle besides tensors (numpy objects, trainer state)."""
+
+
+def test_nnformer_checkpoint_initialises_backbone_and_fused_layers(tmp_path, monkeypatch):
     """nnUNet_textguided_nnformer_weights: an nnFormer checkpoint (authors' key names, 'module.' prefix) loads
     into the backbone, the report lists what did not load, and the fused layers restart from the loaded layer."""
     from nnunet_textguided.presets import preset_plans
@@ -131,3 +135,10 @@ def test_nnformer_checkpoint_initialises_backbone_and_fused_layers(tmp_path):
         assert torch.equal(v, w), k
     last = tr.network.backbone.bottleneck_blocks()[-1].state_dict()
     assert all(torch.equal(v, last[k]) for k, v in tr.network.attention[0].state_dict().items())
+    # a file pickling other objects is refused (weights_only) unless the user declares it trusted
+    from nnunet_textguided.io import UnsafeCheckpointError
+    torch.save({"state_dict": theirs, "trainer": PickledObject()}, tmp_path / "pickled.model")
+    with pytest.raises(UnsafeCheckpointError, match="could run code .*nnUNet_textguided_nnformer_weights_trusted=1"):
+        tr.load_nnformer_weights(str(tmp_path / "pickled.model"))
+    monkeypatch.setenv("nnUNet_textguided_nnformer_weights_trusted", "1")
+    assert tr.load_nnformer_weights(str(tmp_path / "pickled.model"))["matched"] == report["matched"]

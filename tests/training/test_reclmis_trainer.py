@@ -99,7 +99,7 @@ def test_a_train_step_uses_the_batch_notes_and_updates_network_and_reconstructor
 
 def test_checkpoint_holds_the_inference_graph_as_network_weights_and_the_rest_apart(trainer, tmp_path):
     trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
-    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert set(ck["network_weights"]) == set(trainer.network.state_dict())
     assert set(ck["training_only_weights"]) == set(trainer.training_only.state_dict())
     # what nnU-Net's predictor does: build the network from the plans and load the weights strictly
@@ -117,7 +117,7 @@ def test_resume_restores_training_only_weights_and_refuses_changed_settings(trai
             p.add_(1.0)
     trainer.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert all(torch.equal(v, saved[k]) for k, v in trainer.training_only.state_dict().items())
-    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     ck["init_args"]["plans"]["configurations"]["2d_tiny"]["textguided"]["max_tokens"] = 10
     torch.save(ck, tmp_path / "other.pth")
     with pytest.raises(RuntimeError, match=r"max_tokens: 10 -> 18.*nnUNet_textguided_"):
