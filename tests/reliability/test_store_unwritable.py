@@ -1,5 +1,5 @@
-"""Issue 9: the embedding store cannot be written (full disk; a read-only folder fails the same way, untestable as
-root). The extraction stops with exit 2 and a message naming the store folder, the cause and the fix; the entries
+"""Issue 9: the embedding store cannot be written (full disk; read-only folder, simulated: chmod does not stop root).
+The extraction stops with exit 2 and a message naming the store folder, the cause and the fix; the entries
 stored before (earlier runs' and this run's) stay byte-identical, no temporary file is left, and the rerun completes
 to the store an uninterrupted extraction writes."""
 import errno
@@ -48,3 +48,25 @@ def test_a_full_disk_stops_the_extraction_by_name_and_loses_nothing(referring_da
     assert rc == 0, err
     assert "embeddings computed: 4, already current: 12" in out
     assert snapshot(pre) == clean
+
+
+def test_a_read_only_store_stops_the_extraction_by_name_and_changes_nothing(referring_dataset, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Running as root, chmod cannot make a folder read-only: every write fails the way a read-only mount does."""
+    from nnunet_textguided.conditioning import store as store_module
+    _, pre = private_dataset(referring_dataset, tmp_path, monkeypatch)
+    rc, _, err = extract_output(EXTRACT_ARGS, capsys)
+    assert rc == 0, err
+    (folder,) = store_root(pre).iterdir()
+    for ext in (".npy", ".json"):
+        (folder / f"referring_003{ext}").unlink()  # one entry to compute
+    before = snapshot(pre)
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(store_module, "atomic_write_bytes", read_only)
+    rc, out, err = extract_output(EXTRACT_ARGS, capsys)
+    assert rc == 2, out + err
+    assert f"nnUNetv2_extract_textguided: error: cannot write the embedding store {folder}: [Errno 30] Read-only " \
+           "file system" in err and "make the folder writable (entries stored so far are unchanged)" in err
+    assert snapshot(pre) == before
