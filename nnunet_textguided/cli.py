@@ -1,8 +1,12 @@
 """`nnunet-textguided`: the package's own command (everything else is nnU-Net's stock commands).
 
-  list        trainers, encoder kinds and configuration presets
+  list        trainers, encoder kinds, configuration presets and the trained models in nnUNet_results
   env         print the `export nnUNet_extTrainer=…` line (use: eval "$(nnunet-textguided env)")
-  add-config  add configuration presets (3d_tiny, 2d_tiny) to a dataset's nnUNetPlans.json
+  add-config  add a configuration to a dataset's nnUNetPlans.json: a preset (or one of nnU-Net's configurations)
+              with the method's settings (--method, --set KEY=VALUE, --settings FILE) under your own --name
+  settings    every setting of a method: meaning, type, default, the paper's value and where the paper gives it
+  info        a model folder (or -d -c -tr): method, settings, encoders with hashes, parameters, training cases,
+              the predict command
   extract     fill the embedding store (same as nnUNetv2_extract_textguided)
   demo        the whole pipeline on a generated CT phantom dataset, on CPU, in minutes
   evaluate    nnUNetv2_evaluate_folder plus HD95, precision, recall, accuracy, both mIoU forms
@@ -23,8 +27,36 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+
+def user_error_types() -> tuple[type, ...]:
+    """Exceptions that are the user's to fix (settings, missing weights, mismatched encoders, stage-1 files,
+    partial labels): their message says what and how, so commands print that one line, not a traceback."""
+    from .encoders.base import EncoderSpecError
+    from .settings import SettingsError
+    from .training.base import CheckpointError, EncoderMismatchError
+    from .training.cdpdnet import PartialLabelError
+    from .training.mptpn import StageOneError
+    return SettingsError, EncoderSpecError, EncoderMismatchError, CheckpointError, StageOneError, PartialLabelError
+
+
+def install_one_line_errors() -> None:
+    """For nnU-Net's own commands (nnUNetv2_train, nnUNetv2_predict), which import the package's trainers: an
+    uncaught user error prints as ``<command>: error: <message>`` (exit status 1) instead of a traceback."""
+    if getattr(sys.excepthook, "_textguided", False):
+        return
+    previous, types = sys.excepthook, user_error_types()
+
+    def hook(kind, value, tb):
+        if isinstance(value, types):
+            print(f"{os.path.basename(sys.argv[0]) or 'nnunet-textguided'}: error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+    hook._textguided = True
+    sys.excepthook = hook
 
 
 def trainers_folder() -> str:
@@ -46,31 +78,119 @@ def cmd_list(args) -> int:
     print("Trainers (nnUNetv2_train DATASET CONFIG FOLD -tr NAME):")
     for t in trainer_classes():
         print(f"  {t.__name__:34s} {(t.__doc__ or '').strip().splitlines()[0]}")
-    print("\nEncoder kinds (specs for nnUNet_textguided_*_encoder):")
+    print("\nEncoder kinds (specs for the *_encoder settings: add-config --set image_encoder=SPEC):")
     for kind, example, desc in list_encoder_kinds():
         print(f"  {kind:13s} {example:60s} {desc}")
-    print("\nConfiguration presets (nnunet-textguided add-config -d DATASET NAME…):")
+    print("\nConfiguration presets (nnunet-textguided add-config -d DATASET PRESET [--name CONFIGURATION]):")
     for name, p in sorted(available_presets().items()):
-        print(f"  {name:16s} {p.get('description', '')}")
+        print(f"  {name:20s} {', '.join(p.get('textguided', {})) or '-':22s} {p.get('description', '')}")
+    from .evaluation.info import trained_models
+    models = trained_models()
+    if models:
+        print("\nTrained models (nnunet-textguided info FOLDER):")
+        for m in models:
+            mark = f"  UNTRAINED ENCODERS: {', '.join(m['untrained_encoders'])}" if m["untrained_encoders"] else ""
+            print(f"  {m['folder']}  [{m['method']}]{mark}")
     return 0
 
 
+def parse_set_arguments(method: str | None, items: list[str]) -> tuple[str | None, dict]:
+    """``--set KEY=VALUE`` items -> typed values (``settings.parse_text``); the method must be known."""
+    from . import settings
+    values = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise settings.SettingsError(f"--set {item!r}: write KEY=VALUE"
+                                         + (f". {settings._valid_keys(method)}" if method else ""))
+        values[key.strip()] = text
+    if values and method is None:
+        return None, values  # typed once the method is known (from the preset)
+    return method, {k: settings.parse_text(method, k, v) for k, v in values.items()}
+
+
 def cmd_add_config(args) -> int:
-    from batchgenerators.utilities.file_and_folder_operations import join
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from .presets import add_configurations
-    if nnUNet_preprocessed is None:
-        print("nnunet-textguided add-config: error: nnUNet_preprocessed is not set", file=sys.stderr)
-        return 2
-    plans_file = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.d), args.p + ".json")
+    from . import settings
+    from .encoders.registry import portable_spec
+    from .presets import add_configuration, available_presets
+    prog = "nnunet-textguided add-config"
     try:
-        changed = add_configurations(plans_file, args.presets, force=args.force)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-        print(f"nnunet-textguided add-config: error: {e}", file=sys.stderr)
+        settings.check_environment(prog)
+        preprocessed = os.environ.get("nnUNet_preprocessed")
+        if not preprocessed:
+            raise FileNotFoundError("nnUNet_preprocessed is not set: export it as for nnUNetv2_plan_and_preprocess")
+        try:
+            dataset = maybe_convert_to_dataset_name(args.d)
+        except (RuntimeError, ValueError) as e:
+            raise FileNotFoundError(f"dataset {args.d!r}: {e}; run nnUNetv2_plan_and_preprocess for it first") from None
+        plans_file = os.path.join(preprocessed, dataset, args.p + ".json")
+        method = args.method
+        values: dict = {}
+        if args.settings:
+            method, values = settings.read_settings_file(args.settings, method)
+        if method is None and (values or args.set):
+            preset = available_presets().get(args.preset, {})
+            methods = list(preset.get("textguided", {}))
+            if len(methods) == 1:
+                method = methods[0]
+        if method is None and (values or args.set):
+            raise settings.SettingsError(f"name the method of the settings: --method "
+                                         f"{'|'.join(settings.SCHEMAS)} (preset '{args.preset}' is for "
+                                         f"{', '.join(available_presets().get(args.preset, {}).get('textguided', {})) or 'no method in particular'})")
+        _, typed = parse_set_arguments(method, args.set or [])
+        values = {**values, **typed}
+        for key in settings.encoder_keys(method) if method else ():
+            if isinstance(values.get(key), str):
+                values[key] = portable_spec(values[key])
+        planned = add_configuration(plans_file, args.preset, args.name, method, values, args.force, dry_run=True)
+        check_block_available(planned["block"], method)  # before anything is written
+        result = add_configuration(plans_file, args.preset, args.name, method, values, force=args.force)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:  # SettingsError, EncoderSpecError
+        print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    print(f"{plans_file}: " + (f"added {', '.join(changed)}" if changed else "already up to date"))
+    name = result["configuration"]
+    print(f"{plans_file}: configuration '{name}' " + ("written" if result["changed"] else "already up to date"))
+    for m, block in result["block"].items():
+        shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in block.items()) or "the paper's defaults"
+        print(f"  {m}: {shown}")
+    trainers = {"biclip": "BiCLIPTrainer", "cdpdnet": "CDPDNetTrainer", "reclmis": "RecLMISTrainer",
+                "tgcnet": "TGCNetTrainer", "mptpn": "MPTPNTrainer"}
+    for m in result["block"]:
+        print(f"  train: nnUNetv2_train {args.d} {name} FOLD -tr {trainers[m]}")
+    return 0
+
+
+def check_block_available(block: dict, method: str | None) -> None:
+    """Every encoder and weights file the configured methods would use is here (EncoderUnavailableError /
+    SettingsError otherwise): the same check nnUNetv2_train makes, before anything is written."""
+    from . import settings
+    from .encoders.registry import check_available
+    for m, values in block.items():
+        if method is not None and m != method:
+            continue
+        s = settings.resolve(m, {"textguided": {m: values}})
+        for key in settings.encoder_keys(m):
+            spec = getattr(s, key)
+            try:
+                check_available(spec)
+            except ValueError as e:
+                raise type(e)(f"setting {key}: {e}") from None
+        for key in settings.path_keys(m):
+            if getattr(s, key) and not settings.resolve_path(getattr(s, key)).is_file():
+                raise settings.SettingsError(f"setting {key}: {settings.resolve_path(getattr(s, key))} not found")
+
+
+def cmd_settings(args) -> int:
+    from . import settings
+    methods = [args.method] if args.method else list(settings.SCHEMAS)
+    try:
+        texts = [settings.describe(m, markdown=args.markdown) for m in methods]
+    except settings.SettingsError as e:
+        print(f"nnunet-textguided settings: error: {e}", file=sys.stderr)
+        return 2
+    print("\n\n".join(texts))
     return 0
 
 
@@ -85,6 +205,7 @@ _DELEGATED = {
     "text-dependence": (".evaluation.text_dependence:main", "Dice with true vs shuffled notes"),
     "merge": (".data.merge:main", "merge partially labelled raw datasets into one universal dataset"),
     "partial-phantoms": (".data.synthetic:partial_phantoms_main", "generate two partially labelled phantom datasets"),
+    "info": (".evaluation.info:main", "describe a model folder: settings, encoders, parameters, predict command"),
     "pretrain-ppe": (".training.ppe_pretrain:main", "MPTPN stage 1: SimSiam-pretrain the prior prompt encoder on image-caption pairs"),
     "convert-lvit": (".data.lvit:main", "convert an LViT-format dataset (QaTa-COV19, MosMedData+, MoNuSeg) to nnU-Net raw 2D with notes"),
 }
@@ -96,12 +217,29 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="trainers, encoder kinds, presets").set_defaults(fn=cmd_list)
     sub.add_parser("env", help="print the nnUNet_extTrainer export line").set_defaults(fn=cmd_env)
-    a = sub.add_parser("add-config", help="add configuration presets to nnUNetPlans.json")
+    a = sub.add_parser("add-config", help="add a configuration (a preset + a method's settings) to nnUNetPlans.json",
+                       description="Writes configuration CONFIGURATION (default: the preset's name) into the dataset's "
+                       "plans: the preset's patch, batch and network, and the method's settings in its textguided "
+                       "block. Train it with nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER: the results "
+                       "folder is named after the configuration, so each choice of settings gets its own. Keys: "
+                       "nnunet-textguided settings [METHOD].")
     a.add_argument("-d", required=True, help="dataset name or id")
+    a.add_argument("preset", help="a preset (nnunet-textguided list), e.g. 3d_nnformer_synapse, or a configuration "
+                   "of the plans, e.g. 3d_fullres (the new configuration then inherits from it)")
+    a.add_argument("--name", help="the configuration's name (default: the preset's)")
+    a.add_argument("--method", help="the method the settings are for (default: the preset's, if it has one)")
+    a.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="settings, e.g. --set image_encoder=pmcclip:pmc-clip/image_encoder(resnet50).pth epochs=300; "
+                   "lists comma-separated, none for an empty value")
+    a.add_argument("--settings", metavar="FILE", help="settings file, JSON or YAML: {key: value} or {method: {key: "
+                   "value}}; --set values win")
     a.add_argument("-p", default="nnUNetPlans", help="plans identifier")
     a.add_argument("--force", action="store_true", help="replace a different configuration of the same name")
-    a.add_argument("presets", nargs="+", help="preset names, e.g. 3d_tiny")
     a.set_defaults(fn=cmd_add_config)
+    st = sub.add_parser("settings", help="every setting of a method, with the paper's values")
+    st.add_argument("method", nargs="?", help="biclip, cdpdnet, reclmis, tgcnet or mptpn (default: all)")
+    st.add_argument("--markdown", action="store_true", help="markdown tables (docs/settings.md)")
+    st.set_defaults(fn=cmd_settings)
     for name, (_, help_) in _DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)

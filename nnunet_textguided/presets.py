@@ -1,4 +1,5 @@
-"""Configuration presets: named configurations added to nnUNetPlans.json that inherit from nnU-Net's own.
+"""Configuration presets: named configurations added to nnUNetPlans.json that inherit from nnU-Net's own, with
+the methods' settings (``textguided`` block, see ``settings``).
 
 nnU-Net looks planners up inside nnunetv2 only, so method configurations are not planned by a custom
 planner but added as named configurations (nnU-Net keeps custom configurations and resolves
@@ -6,6 +7,11 @@ planner but added as named configurations (nnU-Net keeps custom configurations a
 topology for that patch is derived with nnU-Net's own ``get_pool_and_conv_props`` from the parent's spacing,
 so the network fits the patch exactly as nnU-Net would plan it. The data identifier is inherited: a preset
 trains on the parent's preprocessed data, no second preprocessing.
+
+A preset also carries a ``textguided`` block keyed by the methods it is for (the paper presets: their method with
+the paper's defaults; the tiny presets: every method of their dimensionality with tiny stand-in encoders, named,
+for CPU tests and the demo). ``add_configuration`` writes it, with the user's ``--set`` values, under the user's
+configuration name.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from pathlib import Path
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from . import settings
 from .io import atomic_write_json
 
 #: CT foreground intensity statistics used for reference plans (abdominal CT, portal-venous phase, in HU)
@@ -39,12 +46,13 @@ def configuration_from_preset(plans: dict, preset: dict) -> dict:
     spacing, patch = parent["spacing"], list(preset["patch_size"])
     if len(spacing) != len(patch):
         raise ValueError(f"preset patch {patch} does not match the {len(spacing)}D parent configuration")
+    block = {"textguided": copy.deepcopy(preset["textguided"])} if preset.get("textguided") else {}
     if "architecture" in preset:
         out = {"inherits_from": preset["inherits_from"], "patch_size": patch, "batch_size": int(preset["batch_size"]),
                "architecture": copy.deepcopy(preset["architecture"])}
         if "deep_supervision" in preset:
             out["deep_supervision"] = bool(preset["deep_supervision"])
-        return out
+        return {**out, **block}
     features = list(preset["features_per_stage"])
     _, pool, conv, patch, _ = get_pool_and_conv_props(spacing, patch, 4, 999999)
     n = min(len(features), len(pool))
@@ -58,35 +66,79 @@ def configuration_from_preset(plans: dict, preset: dict) -> dict:
     if "n_conv_per_stage_decoder" in kw:
         kw["n_conv_per_stage_decoder"] = (list(kw["n_conv_per_stage_decoder"]) + [kw["n_conv_per_stage_decoder"][-1]] * n)[:n - 1]
     return {"inherits_from": preset["inherits_from"], "patch_size": [int(p) for p in patch],
-            "batch_size": int(preset["batch_size"]), "architecture": arch}
+            "batch_size": int(preset["batch_size"]), "architecture": arch, **block}
 
 
-def add_configurations(plans_file: str | Path, names: list[str], force: bool = False) -> list[str]:
-    """Add the named presets to a plans file (atomic rewrite). Returns the names added or updated."""
+def add_configuration(plans_file: str | Path, preset: str, name: str | None = None, method: str | None = None,
+                      values: dict | None = None, force: bool = False, dry_run: bool = False) -> dict:
+    """Add configuration ``name`` (default: the preset's name) to a plans file (atomic rewrite): a preset of
+    plans/, or a configuration the plans already have (nnU-Net's 3d_fullres...: then the new one inherits from it),
+    with ``values`` (typed, checked by ``settings``) written into its ``textguided.<method>`` block. Blocks of
+    other methods already in that configuration are kept. A configuration that exists with other contents is
+    replaced only with ``force``. ``dry_run``: check everything, write nothing. Returns {"configuration", "method",
+    "changed", "block"}."""
     plans_file = Path(plans_file)
     if not plans_file.is_file():
         raise FileNotFoundError(f"{plans_file} does not exist: run nnUNetv2_plan_and_preprocess for this dataset first")
     plans = json.loads(plans_file.read_text())
     presets = available_presets()
-    changed = []
-    for name in names:
-        if name not in presets:
-            raise KeyError(f"unknown preset '{name}'; available: {', '.join(sorted(presets))}")
-        if presets[name]["inherits_from"] not in plans["configurations"]:
-            raise ValueError(f"{plans_file} has no configuration '{presets[name]['inherits_from']}' for preset "
-                             f"'{name}' to inherit from (nnU-Net skips 3d configurations for 2D data)")
-        new = configuration_from_preset(plans, presets[name])
-        old = plans["configurations"].get(name)
-        if old == new:
-            continue
-        if old is not None and not force:
+    configurations = plans["configurations"]
+    if preset in presets:
+        parent = presets[preset]["inherits_from"]
+        if parent not in configurations:
+            raise ValueError(f"{plans_file} has no configuration '{parent}' for preset '{preset}' to inherit from "
+                             "(nnU-Net skips 3d configurations for 2D data)")
+        new = configuration_from_preset(plans, presets[preset])
+    elif preset in configurations:
+        new = copy.deepcopy(configurations[preset]) if (name or preset) == preset else {"inherits_from": preset}
+        new.pop("textguided", None) if (name or preset) != preset else None
+    else:
+        raise KeyError(f"unknown preset '{preset}'; presets: {', '.join(sorted(presets))}; or a configuration of "
+                       f"{plans_file.name}: {', '.join(configurations)}")
+    name = name or preset
+    block = dict(new.get("textguided") or {})
+    old = configurations.get(name)
+    old_block = dict((old or {}).get("textguided") or {}) if "method" not in ((old or {}).get("textguided") or {}) \
+        else {}
+    values = dict(values or {})
+    if method is None and values:
+        if len(block) != 1:
+            raise settings.SettingsError(
+                f"name the method of the settings with --method ({', '.join(settings.SCHEMAS)}): preset '{preset}' is "
+                + (f"for {', '.join(block)}" if block else "for no method in particular"))
+        method = next(iter(block))
+    if method is not None:
+        settings.schema(method)
+        given = settings.check_values(method, {**block.get(method, {}), **values}, "add-config")
+        block[method] = given
+    for m, v in old_block.items():  # other methods' settings in this configuration stay
+        if m != method and m not in block:
+            block[m] = v
+    for m in block:
+        settings.schema(m)
+        block[m] = settings.check_values(m, block[m], f"preset '{preset}'")
+    if block:
+        new["textguided"] = block
+    else:
+        new.pop("textguided", None)
+    changed = old != new
+    if changed and old is not None and not force:
+        strip = lambda c: {k: v for k, v in c.items() if k != "textguided"}  # noqa: E731
+        old_methods = (old.get("textguided") or {})
+        same_rest = strip(old) == strip(new) and all(old_methods.get(m) == block.get(m) for m in old_methods)
+        if not same_rest:
             raise FileExistsError(f"{plans_file} already has a different configuration '{name}'; pass --force to "
-                                  "replace it (trained models keep their own copy in plans.json)")
-        plans["configurations"][name] = new
-        changed.append(name)
-    if changed:
+                                  "replace it, or --name another one (trained models keep their own copy in "
+                                  "plans.json)")
+    if changed and not dry_run:
+        configurations[name] = new
         atomic_write_json(plans_file, plans, sort_keys=False)
-    return changed
+    return {"configuration": name, "method": method, "changed": changed, "block": block}
+
+
+def add_configurations(plans_file: str | Path, names: list[str], force: bool = False) -> list[str]:
+    """Add the named presets to a plans file under their own names. Returns the names added or updated."""
+    return [n for n in names if add_configuration(plans_file, n, force=force)["changed"]]
 
 
 def reference_plans(spacing: list[float], modality: str = "CT", name: str = "Dataset000_Reference") -> dict:

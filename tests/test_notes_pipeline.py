@@ -16,14 +16,17 @@ from nnunet_textguided.evaluation.text_dependence import read_notes, shuffle_not
 
 pytestmark = pytest.mark.slow
 TRAINER = "RecLMISTrainer_2epochs"
-PREDICT = ("-d", REFERRING_ID, "-c", "2d_tiny", "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1)
+#: the tiny preset under a name of our own, seeded (a setting like any other: add-config --set seed=1)
+CONFIG = "2d_tiny_seed1"
+PREDICT = ("-d", REFERRING_ID, "-c", CONFIG, "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1)
 
 
 @pytest.fixture(scope="module")
 def trained(referring_dataset):
-    run_cmd("nnUNetv2_train", REFERRING_ID, "2d_tiny", 0, "-tr", TRAINER, "-device", "cpu",
-            env={"nnUNet_textguided_seed": "1"})
-    folder = Path(os.environ["nnUNet_results"]) / referring_dataset.name / f"{TRAINER}__nnUNetPlans__2d_tiny"
+    run_cmd("nnunet-textguided", "add-config", "-d", REFERRING_ID, "2d_tiny", "--name", CONFIG, "--method", "reclmis",
+            "--set", "seed=1")
+    run_cmd("nnUNetv2_train", REFERRING_ID, CONFIG, 0, "-tr", TRAINER, "-device", "cpu")
+    folder = Path(os.environ["nnUNet_results"]) / referring_dataset.name / f"{TRAINER}__nnUNetPlans__{CONFIG}"
     return referring_dataset, folder
 
 

@@ -135,15 +135,25 @@ def test_predict_refuses_other_encoder_weights(trained, tmp_path):
 
 
 def test_resume_with_other_encoder_fails(trained):
-    env_name = "nnUNet_textguided_caption_encoder"
-    os.environ[env_name] = "tiny-coca?embed_dim=48"
+    """The configuration's encoder changed after training (add-config --force): resuming refuses the checkpoint."""
+    plans_file = Path(os.environ["nnUNet_preprocessed"]) / PHANTOM_NAME / "nnUNetPlans.json"
+    before = plans_file.read_bytes()
     try:
+        run_cmd("nnunet-textguided", "add-config", "-d", PHANTOM_ID, "3d_tiny", "--method", "biclip", "--set",
+                "caption_encoder=tiny-coca?embed_dim=48", "--force")
         r = run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_tiny", 0, "-tr", "BiCLIPTrainer_Net4_2epochs", "-device", "cpu",
                     "--val", check=False)
     finally:
-        del os.environ[env_name]
+        plans_file.write_bytes(before)
     assert r.returncode != 0
     assert "was trained with encoders" in r.stdout + r.stderr
+
+
+def test_a_legacy_setting_variable_stops_training_with_the_set_line(trained):
+    r = run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_tiny", 0, "-tr", "BiCLIPTrainer_Net4_2epochs", "-device", "cpu",
+                "--val", check=False, env={"nnUNet_textguided_caption_encoder": "tiny-coca?embed_dim=48"})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--set caption_encoder='tiny-coca?embed_dim=48'" in r.stderr
 
 
 def test_paper_mode_predictor_conditions_like_the_store(trained):

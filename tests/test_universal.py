@@ -14,6 +14,8 @@ from conftest import PARTIAL_IDS, UNIVERSAL_ID, UNIVERSAL_NAME, run_cmd
 
 pytestmark = pytest.mark.slow
 TRAINER = "CDPDNetTrainer_15epochs"
+#: the tiny preset under a name of our own, seeded (add-config --set seed=0)
+CONFIG = "3d_tiny_seed0"
 RAW = Path(os.environ["nnUNet_raw"])
 ORGANS = ["liver", "spleen", "right kidney", "left kidney"]
 OWN = {PARTIAL_IDS[0]: {"liver", "spleen"}, PARTIAL_IDS[1]: {"right kidney", "left kidney"}}
@@ -23,8 +25,9 @@ OWN = {PARTIAL_IDS[0]: {"liver", "spleen"}, PARTIAL_IDS[1]: {"right kidney", "le
 def trained_universal(universal_dataset):
     # seeded, augmentation in-process: a reproducible run (unseeded, this budget left the small spleen below
     # Dice 0.1 in about half of the runs)
-    run_cmd("nnUNetv2_train", UNIVERSAL_ID, "3d_tiny", 0, "-tr", TRAINER, "-device", "cpu",
-            env={"nnUNet_textguided_seed": "0", "nnUNet_n_proc_DA": "0"})
+    run_cmd("nnunet-textguided", "add-config", "-d", UNIVERSAL_ID, "3d_tiny", "--name", CONFIG, "--method", "cdpdnet",
+            "--set", "seed=0")
+    run_cmd("nnUNetv2_train", UNIVERSAL_ID, CONFIG, 0, "-tr", TRAINER, "-device", "cpu", env={"nnUNet_n_proc_DA": "0"})
     return universal_dataset
 
 
@@ -49,7 +52,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def predict(out: Path, *extra, command="nnUNetv2_predict", check=True):
-    return run_cmd(command, "-i", RAW / UNIVERSAL_NAME / "imagesTs", "-o", out, "-d", UNIVERSAL_ID, "-c", "3d_tiny",
+    return run_cmd(command, "-i", RAW / UNIVERSAL_NAME / "imagesTs", "-o", out, "-d", UNIVERSAL_ID, "-c", CONFIG,
                    "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_tta", *extra,
                    check=check)
 
@@ -122,7 +125,7 @@ def test_unknown_label_phrase_fails_with_the_known_labels(trained_universal, tmp
 
 
 def test_validation_scores_each_case_on_its_annotated_labels(trained_universal):
-    model = Path(os.environ["nnUNet_results"]) / UNIVERSAL_NAME / f"{TRAINER}__nnUNetPlans__3d_tiny"
+    model = Path(os.environ["nnUNet_results"]) / UNIVERSAL_NAME / f"{TRAINER}__nnUNetPlans__{CONFIG}"
     summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
     dj = json.loads((RAW / UNIVERSAL_NAME / "dataset.json").read_text())
     for case in summary["metric_per_case"]:

@@ -16,7 +16,9 @@ import sys
 
 
 def build_trainer(dataset: str, configuration: str, trainer_name: str, plans: str = "nnUNetPlans",
-                  fold: int = 0, device: str = "cpu", for_extraction: bool = True):
+                  fold: int = 0, device: str = "cpu", for_extraction: bool = True, settings: dict | None = None):
+    """The trainer nnUNetv2_train would build. ``settings`` ({key: value}) are merged into the configuration's
+    ``textguided`` block for the trainer's method in memory only, as ``add-config --set`` would write them."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
     from nnunetv2.paths import nnUNet_preprocessed
@@ -36,6 +38,13 @@ def build_trainer(dataset: str, configuration: str, trainer_name: str, plans: st
         raise RuntimeError(f"trainer '{trainer_name}' needs no offline embeddings (its conditioning is computed "
                            "online or from label texts)")
     plans_dict = load_json(plans_file)
+    if settings:
+        if configuration not in plans_dict["configurations"]:
+            raise ValueError(f"{plans_file} has no configuration '{configuration}'")
+        conf = plans_dict["configurations"][configuration]
+        block = conf.setdefault("textguided", {})
+        method = trainer_class.textguided_method
+        block[method] = {**block.get(method, {}), **settings}
     plans_dict["continue_training"] = False  # nnunetv2 2.8 pops this from the plans in the trainer's __init__
     return trainer_class(plans=plans_dict, configuration=configuration, fold=fold,
                          dataset_json=load_json(join(folder, "dataset.json")), device=torch.device(device))

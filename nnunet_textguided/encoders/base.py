@@ -36,6 +36,11 @@ class EncoderSpecError(ValueError):
     """A spec string that cannot be turned into an encoder (unknown kind/option, missing directory/file...)."""
 
 
+class EncoderUnavailableError(EncoderSpecError):
+    """A valid spec whose weights are not here: a missing file or folder, or a hub model that is neither in the
+    local cache nor reachable. The message says what is missing, where to get it and where to put it."""
+
+
 def spec_seed(*parts) -> int:
     """Deterministic 63-bit seed from strings (tiny random-init models are seeded from their spec)."""
     return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:15], 16)

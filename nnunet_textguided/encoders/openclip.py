@@ -224,7 +224,10 @@ class CocaEncoder(OpenClipEncoder):
 
 
 def load(spec: str, kind: str, arg: str, opts: dict) -> OpenClipEncoder:
-    """``openclip:``/``coca:`` + ``<model>[@<pretrained>]`` | ``hf-hub:org/repo`` | ``local-dir:/path``."""
+    """``openclip:``/``coca:`` + ``<model>@<pretrained>`` | ``<model>?random=1`` | ``hf-hub:org/repo`` |
+    ``local-dir:/path`` (locations already absolute: ``registry.resolved_parts``)."""
+    opts = dict(opts)
+    random_init = bool(opts.pop("random", False))
     example = f"{kind}:local-dir:/path/to/dir" if kind == "coca" else "openclip:ViT-B-32@laion2b_s34b_b79k"
     schema, ident = open_clip.factory.parse_model_name(arg)
     pretrained = None
@@ -257,6 +260,8 @@ def load(spec: str, kind: str, arg: str, opts: dict) -> OpenClipEncoder:
     if model_cfg is None:
         model_cfg = open_clip.get_model_config(name)
     tokenizer = open_clip.get_tokenizer(name)
+    if schema is None and not pretrained and not random_init:  # registry.check_available refuses this first
+        raise EncoderSpecError(f"encoder spec {spec!r} names no pretrained weights; add @<tag> or ?random=1")
     untrained = schema is None and not pretrained
     if kind == "coca":
         if not isinstance(model, CoCa):

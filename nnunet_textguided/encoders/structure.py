@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .base import EncoderSpecError, hub_offline
-from .registry import load_encoder, parse_spec
+from .registry import load_encoder, resolved_parts
 
 __all__ = ["EncoderStructure", "encoder_structure", "KNOWN_HF_MODELS"]
 
@@ -274,7 +274,8 @@ def _tiny(spec: str, kind: str, arg: str, opts: dict) -> EncoderStructure:
 
 def encoder_structure(spec: str) -> EncoderStructure:
     """Meta-device structure of the encoder ``spec`` names (see the module docstring); no weights, no hub."""
-    kind, arg, opts = parse_spec(spec)
+    kind, arg, opts = resolved_parts(spec, strict=False)  # locations under the weights root, if it is set
+    opts = {k: v for k, v in opts.items() if k != "random"}
     build = _tiny if kind.startswith("tiny-") else \
         {"openclip": _openclip, "coca": _openclip, "pmcclip": _pmcclip, "hf": _hf, "minilm": _minilm}[kind]
     return build(spec, kind, arg, opts)

@@ -128,7 +128,7 @@ def default_trainers() -> list[type]:
     """Each method's base trainers, skipping pure renames (e.g. BiCLIPTrainer_Net4 = BiCLIPTrainer)."""
     from ..training import trainer_classes
     own = {"__module__", "__doc__", "__qualname__", "__firstlineno__", "__static_attributes__"}
-    return [t for t in trainer_classes() if t.short_epochs is None and set(vars(t)) - own]
+    return [t for t in trainer_classes() if t.schedule_of is None and set(vars(t)) - own]
 
 
 @dataclass
@@ -178,7 +178,7 @@ def build(trainer: type | None, setup: Setup):
     if trainer is None:
         net = nnUNetTrainer.build_network_architecture(pm, cm, 1, lm.num_segmentation_heads, True)
     else:
-        cm.configuration["textguided"] = trainer.settings_for(pm, cm, dataset_json=setup.dataset_json)
+        cm.configuration["textguided"] = trainer.textguided_block(pm, cm, None, setup.dataset_json)
         net = trainer.build_network_architecture(pm, cm, 1, lm.num_segmentation_heads, True)
     return net.to(setup.device), pm, cm, lm
 
@@ -313,7 +313,7 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
                                        training_only_of(trainer, net, cm, setup.device)))
         # 3D: mirroring along the first axis for every model alike; 2D: none (note-guided models never mirror)
         mirror = () if len(cm.patch_size) == 2 else \
-            trainer.mirror_axes_override if trainer is not None and trainer.mirror_axes_override else (0,)
+            tuple(trainer.own_settings().get("mirror_axes") or (0,)) if trainer is not None else (0,)
         predict_fns.append(predict_fn(trainer, net, pm, cm, setup, mirror))
         if trainer is not None:
             extraction[names[-1]] = extraction_rows(trainer, net, setup, repeats)

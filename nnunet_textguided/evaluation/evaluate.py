@@ -80,8 +80,10 @@ def compute_metrics_on_folder_extended(folder_ref: str, folder_pred: str, output
                                        image_reader_writer: BaseReaderWriter, file_ending: str, regions_or_labels,
                                        ignore_label: int | None = None,
                                        num_processes: int = default_num_processes, chill: bool = True,
-                                       case_regions: dict[str, list] | None = None) -> dict:
+                                       case_regions: dict[str, list] | None = None, model: dict | None = None
+                                       ) -> dict:
     """nnU-Net's ``compute_metrics_on_folder`` plus the extra metrics; ``output_file`` (.json) may be None.
+    ``model`` (the model's method, encoders and its untrained ones) is recorded under ``textguided_model``.
 
     ``num_processes <= 1`` computes in this process, otherwise in a spawn pool like nnU-Net.
     ``case_regions`` ({file name: labels/regions}) scores those cases on a subset only (partially labelled
@@ -133,6 +135,8 @@ def compute_metrics_on_folder_extended(folder_ref: str, folder_pred: str, output
         recursive_fix_for_json_export(d)
     result = {"metric_per_case": results, "mean": means, "foreground_mean": foreground_mean,
               "case_mean": case_mean, "metric_definitions": dict(METRIC_DEFINITIONS)}
+    if model is not None:
+        result["textguided_model"] = model
     if output_file is not None:
         with atomic_path(output_file, suffix=".json") as tmp:
             save_summary_json(result, tmp)
@@ -166,7 +170,27 @@ def compute_metrics_on_folder2_extended(folder_ref: str, folder_pred: str, datas
     return compute_metrics_on_folder_extended(
         folder_ref, folder_pred, output_file or join(folder_pred, "summary.json"), rw, file_ending,
         lm.foreground_regions if lm.has_regions else lm.foreground_labels, lm.ignore_label, num_processes,
-        chill=chill, case_regions=case_regions)
+        chill=chill, case_regions=case_regions, model=model_record(join(folder_pred, "plans.json")))
+
+
+def model_record(plans_file: str) -> dict | None:
+    """The model's record (method, configuration, encoders, untrained ones) from the plans.json nnU-Net's predictor
+    copies into its output folder; None when that is not a nnunet-textguided model's."""
+    if not isfile(plans_file):
+        return None
+    trained = [(name, c["textguided"]) for name, c in load_json(plans_file).get("configurations", {}).items()
+               if isinstance(c.get("textguided"), dict) and "method" in c["textguided"]]
+    if len(trained) != 1:
+        return None
+    return block_record(*trained[0])
+
+
+def block_record(configuration: str, block: dict) -> dict:
+    """Method, configuration, encoder identities and the untrained ones of a resolved ``textguided`` block."""
+    encoders = {spec: {k: rec.get(k) for k in ("weight_hash", "embed_dim", "untrained")}
+                for spec, rec in block.get("encoders", {}).items()}
+    return {"method": block["method"], "configuration": configuration, "encoders": encoders,
+            "untrained_encoders": sorted(s for s, r in encoders.items() if r.get("untrained"))}
 
 
 def _table(result: dict) -> str:

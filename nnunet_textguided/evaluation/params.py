@@ -74,10 +74,10 @@ def trainer_class(name: str):
 
 
 def count_plans(trainer, config: str, dataset: str | None = None, configuration: str | None = None,
-                plans_identifier: str = "nnUNetPlans", preset: str | None = None
-                ) -> tuple[dict, str, dict, dict[str, str] | None]:
-    """(plans, configuration name, dataset_json, encoder override) for a config kind. ``preset`` picks another
-    paper preset than the trainer's own (e.g. nnFormer's ACDC configuration)."""
+                plans_identifier: str = "nnUNetPlans", preset: str | None = None) -> tuple[dict, str, dict]:
+    """(plans, configuration name, dataset_json) for a config kind. ``preset`` picks another paper preset than the
+    trainer's own (e.g. nnFormer's ACDC configuration). The paper kind counts the schema's defaults (the paper's
+    encoders); the tiny kind the tiny preset's stand-ins."""
     from ..presets import preset_plans
     if config == "plans":
         if dataset is None or configuration is None:
@@ -87,7 +87,7 @@ def count_plans(trainer, config: str, dataset: str | None = None, configuration:
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
         folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
         return load_json(join(folder, plans_identifier + ".json")), configuration, \
-            load_json(join(folder, "dataset.json")), None
+            load_json(join(folder, "dataset.json"))
     if config == "paper":
         preset = preset or trainer.paper_preset
         if preset is None:
@@ -99,14 +99,14 @@ def count_plans(trainer, config: str, dataset: str | None = None, configuration:
             u = ref["universal"]
             dj = universal_dataset_json(u["labels"], u.get("part_of", {}), u["tasks"], {"0": ref["modality"]},
                                         ".nii.gz", "Dataset000_Reference")
-            return plans, name, dj, dict(trainer.paper_encoders)
-        return plans, name, _dataset_json(ref["num_classes"]), dict(trainer.paper_encoders)
+            return plans, name, dj
+        return plans, name, _dataset_json(ref["num_classes"])
     if config == "tiny":
         plans, name = preset_plans(trainer.tiny_preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
         if getattr(trainer, "universal", False):  # trains on merged partial-label datasets
             from ..data.synthetic import phantom_universal_dataset_json
-            return plans, name, phantom_universal_dataset_json(), None
-        return plans, name, _dataset_json(4), None
+            return plans, name, phantom_universal_dataset_json()
+        return plans, name, _dataset_json(4)
     raise ValueError(f"--config must be one of {', '.join(CONFIG_KINDS)}")
 
 
@@ -120,8 +120,7 @@ def _dataset_json(num_classes: int) -> dict:
     return {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz", "numTraining": 0}
 
 
-def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: dict,
-                       encoders: dict[str, str] | None = None, device: str = "meta"):
+def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: dict, device: str = "meta"):
     """The trainer's network (inference mode, no deep supervision) and {spec: EncoderStructure}."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -133,7 +132,11 @@ def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: d
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     trainer.check_configuration(cm, configuration)
-    settings = trainer.settings_for(pm, cm, encoders, dataset_json)
+    block = cm.configuration.get("textguided")
+    if isinstance(block, dict) and "method" in block and "settings" in block:  # a trained model's plans
+        settings = json.loads(json.dumps(block))
+    else:
+        settings = trainer.textguided_block(pm, cm, None, dataset_json)
     structures = {spec: encoder_structure(spec) for spec in settings.get("encoders", {})}
     for spec, st in structures.items():
         settings["encoders"][spec] = {"embed_dim": st.embed_dim, "image_size": st.image_size,
@@ -149,10 +152,18 @@ def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: d
 
 def count(trainer, config: str = "paper", dataset: str | None = None, configuration: str | None = None,
           plans_identifier: str = "nnUNetPlans", preset: str | None = None) -> ParamReport:
-    plans, cfg_name, dataset_json, encoders = count_plans(trainer, config, dataset, configuration, plans_identifier,
-                                                          preset)
+    plans, cfg_name, dataset_json = count_plans(trainer, config, dataset, configuration, plans_identifier, preset)
     device = "meta" if config == "paper" else "cpu"
-    net, structures, cm, lm, n_in = build_for_counting(trainer, plans, cfg_name, dataset_json, encoders, device)
+    built = build_for_counting(trainer, plans, cfg_name, dataset_json, device)
+    report = count_built(trainer, *built, device=device)
+    report.config, report.configuration = config, cfg_name
+    if config == "paper":
+        report.paper_figures = dict(trainer.paper_figures)
+    return report
+
+
+def count_built(trainer, net, structures, cm, lm, n_in, device: str = "meta") -> ParamReport:
+    """Parameters and forward FLOPs of a network from ``build_for_counting``."""
     params = dict(net.named_parameters())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     frozen_net = sum(p.numel() for p in params.values() if not p.requires_grad)
@@ -181,9 +192,8 @@ def count(trainer, config: str = "paper", dataset: str | None = None, configurat
                           "roles": [use["role"]] if "role" in use else
                           [r["name"] for r in settings.get("streams", ()) if r["encoder"] == spec],
                           "at_inference": use.get("at_inference", True)}
-    return ParamReport(trainer.__name__, config, cfg_name, list(cm.patch_size), lm.num_segmentation_heads,
-                       trainable, training_only, frozen_net, enc_rows, fc.get_total_flops() / 1e9,
-                       dict(trainer.paper_figures) if config == "paper" else {})
+    return ParamReport(trainer.__name__, "", "", list(cm.patch_size), lm.num_segmentation_heads, trainable, training_only, frozen_net, enc_rows,
+                       fc.get_total_flops() / 1e9, {})
 
 
 @contextlib.contextmanager

@@ -47,7 +47,9 @@ from ..conditioning.labels import (DEFAULT_LABEL_ENCODER, DEFAULT_MARGIN, DEFAUL
 from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_case_notes, warn_truncated_notes
 from ..conditioning.slices import TableSliceConditioner
 from ..data.position_channels import append_position_channels
+from ..encoders.base import EncoderSpecError
 from ..io import atomic_path, atomic_write_json
+from ..settings import SettingsError
 from ..training.base import CheckpointError, EncoderMismatchError, describe_encoders, load_checkpoint_file
 
 PROG = "nnUNetv2_predict_textguided"
@@ -417,7 +419,8 @@ def main() -> None:
     sys.argv = [PROG] + rest
     try:
         stock.predict_entry_point()
-    except (LabelSelectionError, NoteError, InputImageError, EncoderMismatchError, CheckpointError) as e:
+    except (LabelSelectionError, NoteError, InputImageError, EncoderMismatchError, CheckpointError, SettingsError,
+            EncoderSpecError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except ValueError as e:  # UnknownLabelError

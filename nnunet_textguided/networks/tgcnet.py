@@ -212,8 +212,8 @@ class TGCNet(ConditionedNetwork):
         self.cnn_input = tuple(int(c) for c in cnn_input)
         if len(self.patch_size) != 2 or len(self.cnn_input) != 2 or any(c % 32 for c in self.cnn_input):
             raise ValueError(f"TGC-Net is 2D and its CNN branch needs sizes divisible by 32: patch {patch_size}, "
-                             f"cnn_input {cnn_input} (set the configuration key 'tgcnet_cnn_input' in nnUNetPlans.json "
-                             "to multiples of 32, or remove it for the default 768/224 x patch)")
+                             f"cnn_input {cnn_input} (set cnn_input_size to multiples of 32: nnunet-textguided add-config ... "
+                             "--set cnn_input_size=H,W; or none for the default 768/224 x patch)")
         self.num_classes, self.text_dim, self.clip_dim = int(num_classes), int(text_dim), int(clip_dim)
         self.max_tokens, self.variant = int(max_tokens), {"sse": sse, "text": text, "alignment": alignment}
         self.grid = tuple(c // 32 for c in self.cnn_input)

@@ -1,17 +1,19 @@
 """The one base trainer every text-guided trainer derives from.
 
 What it adds to nnUNetTrainer:
-- method settings (which encoders, which mode) written into the configuration as ``textguided`` — in the
-  run's plans.json, so prediction rebuilds exactly the trained network with the trained encoders;
+- method settings read from the configuration's ``textguided`` block (``settings``: schema defaults < the trainer
+  variant's < the configuration's, validated), checked before anything is built (every encoder's weights are
+  here, no legacy environment variable), and written back resolved into the run's plans.json (nnU-Net copies it
+  into the model folder), so prediction rebuilds exactly the trained network with the trained encoders;
+- optimiser and schedule from the settings (``training.optimisation``; sgd + poly = nnU-Net's own);
 - ``build_network_architecture`` = nnU-Net's backbone from the plans, wrapped by the method's builder, with
   the frozen encoders attached as an unregistered conditioner (absent from checkpoints and the optimizer);
 - encoder identity checks: the weight hash of every encoder is recorded at training start; prediction and
   resuming refuse encoders whose spec or weights differ;
-- short-schedule knobs for CPU tests and demos (``_Xepochs`` variants).
+- short schedules for CPU tests and demos (``_Xepochs`` variants: they fix epochs and iterations).
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
@@ -19,8 +21,12 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from .. import settings as settings_schema
 from ..conditioning.slices import get_encoder
+from ..encoders.registry import EncoderUnavailableError, check_available, is_untrained_spec
+from .optimisation import build_optimizer_and_schedule
 
 NetworkBuilder = Callable[..., torch.nn.Module]
 NETWORK_BUILDERS: dict[str, NetworkBuilder] = {}
@@ -69,16 +75,50 @@ def register_network_builder(method: str):
 
 
 def check_and_record_encoders(settings: dict, source: str = "the run's plans.json") -> None:
-    """Load every encoder of ``settings['encoders']``; record its weight hash, or verify the recorded one."""
+    """Load every encoder of ``settings['encoders']``; record its identity (weight sha256, embedding size, trained
+    or not), or verify the recorded weight hash (EncoderMismatchError naming both hashes and where the weights
+    were read)."""
     for spec, info in settings.get("encoders", {}).items():
         enc = get_encoder(spec)
         digest = enc.weight_hash()
         if info.get("weight_hash") and info["weight_hash"] != digest:
             raise EncoderMismatchError(
-                f"encoder '{spec}' has weights {digest[:12]}… but the model was trained with "
-                f"{info['weight_hash'][:12]}… (recorded in {source}). Point the spec at the weights used for "
-                "training, or retrain.")
+                f"encoder '{spec}' ({encoder_location(spec)}) has weights sha256 {digest} but the model was trained "
+                f"with {info['weight_hash']} (recorded in {source}): another file sits behind the same name. Put the "
+                f"training weights there (or point {settings_schema.WEIGHTS_ROOT_VARIABLE} at the root holding them), "
+                "or retrain.")
         info.update(weight_hash=digest, embed_dim=enc.embed_dim, untrained=bool(enc.untrained))
+
+
+def encoder_location(spec: str) -> str:
+    """Where an encoder's weights are read from on this machine (for messages)."""
+    from ..encoders.registry import resolved_parts
+    try:
+        kind, arg, _ = resolved_parts(spec)
+    except (ValueError, OSError) as e:
+        return f"not resolvable here: {e}"
+    if kind.startswith("tiny-") or kind == "minilm":
+        return "built in" if kind == "minilm" else "random init, untrained"
+    return f"read from {arg.removeprefix('local-dir:')}"
+
+
+def untrained_encoders(block: dict) -> list[str]:
+    """Specs of the untrained (random-init) encoders a resolved block uses."""
+    return sorted(spec for spec, rec in block.get("encoders", {}).items()
+                  if rec.get("untrained", is_untrained_spec(spec)))
+
+
+_WARNED_UNTRAINED: set[tuple[str, ...]] = set()
+
+
+def warn_untrained(block: dict, what: str = "this model") -> None:
+    """One stderr line per process and set of encoders: a model with untrained stand-in encoders says nothing
+    about its method."""
+    specs = tuple(untrained_encoders(block))
+    if specs and specs not in _WARNED_UNTRAINED:
+        _WARNED_UNTRAINED.add(specs)
+        print(f"WARNING: {what} uses untrained (random-init) stand-in encoders {', '.join(specs)}: its results say "
+              "nothing about the method (tests and demos only)", file=sys.stderr)
 
 
 def compare_encoder_records(saved: dict, current: dict, where: str) -> None:
@@ -87,8 +127,8 @@ def compare_encoder_records(saved: dict, current: dict, where: str) -> None:
     raise EncoderMismatchError(
         f"{where} was trained with encoders {describe_encoders(saved)} but this run uses "
         f"{describe_encoders(current)}. "
-        "Use the same encoder specs (trainer settings / nnUNet_textguided_* environment variables) as the "
-        "checkpoint, or start a new training.")
+        "Use the same encoder settings (the configuration's textguided block) as the checkpoint, or start a new "
+        "training under another configuration name.")
 
 
 def describe_encoders(records: dict) -> str:
@@ -109,47 +149,91 @@ def _built_for_stock_predictor() -> bool:
 
 
 class TextGuidedTrainer(nnUNetTrainer):
-    #: key of NETWORK_BUILDERS
+    #: key of NETWORK_BUILDERS and of ``settings.SCHEMAS``
     textguided_method: str = ""
-    #: short schedules for tests and demos (None = nnU-Net's defaults)
-    short_iterations_per_epoch: int | None = None
-    short_val_iterations_per_epoch: int | None = None
-    short_epochs: int | None = None
-    #: the method paper's number of epochs (None = nnU-Net's 1000)
-    default_epochs: int | None = None
-    #: restrict mirroring (training augmentation and test-time) to these axes; None = nnU-Net's choice
-    mirror_axes_override: tuple[int, ...] | None = None
+    #: settings this trainer variant fixes (ablation switches, short schedules): its defaults on top of the
+    #: schema's; a configuration setting one of them to another value is refused (``settings.resolve``)
+    variant_settings: dict = {}
+    #: a short schedule (``short_schedule``) of this base trainer, for CPU tests and demos
+    schedule_of: type | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        seed = os.environ.get("nnUNet_textguided_seed")
-        if seed:  # reproducible runs: weights, patch sampling and augmentation (with nnUNet_n_proc_DA=0)
+        settings_schema.check_environment("nnUNetv2_train")
+        where = (f"configuration '{configuration}' of {plans.get('dataset_name', 'the dataset')}'s "
+                 f"{plans.get('plans_name', 'nnUNetPlans')}.json")
+        s = self.resolve_settings(PlansManager(plans).get_configuration(configuration).configuration, where)
+        if s.seed is not None:  # reproducible runs: weights, patch sampling and augmentation (with nnUNet_n_proc_DA=0)
             import random
             import numpy as np
-            random.seed(int(seed))
-            np.random.seed(int(seed))
-            torch.manual_seed(int(seed))
+            random.seed(s.seed)
+            np.random.seed(s.seed)
+            torch.manual_seed(s.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = (self.short_epochs or int(self.setting("nnUNet_textguided_epochs", "0"))
-                           or self.default_epochs or self.num_epochs)
+        self.settings = s
+        self.num_epochs = s.epochs
+        self.num_iterations_per_epoch = s.iterations_per_epoch
+        self.num_val_iterations_per_epoch = s.val_iterations_per_epoch
+        self.initial_lr, self.weight_decay = s.lr, s.weight_decay
         # a configuration may switch deep supervision off (nnFormer's ACDC setting)
         self.enable_deep_supervision = bool(self.configuration_manager.configuration.get("deep_supervision", True))
-        if self.short_iterations_per_epoch is not None:
-            self.num_iterations_per_epoch = self.short_iterations_per_epoch
-        if self.short_val_iterations_per_epoch is not None:
-            self.num_val_iterations_per_epoch = self.short_val_iterations_per_epoch
         self.check_configuration(self.configuration_manager, configuration)
-        settings = self.settings_for(self.plans_manager, self.configuration_manager, dataset_json=self.dataset_json)
+        block = self.textguided_block(self.plans_manager, self.configuration_manager, s, self.dataset_json)
+        self.check_weights_available(block, configuration)
         # the same dict in both places: the plans (saved as the run's plans.json and, through my_init_kwargs,
         # inside every checkpoint) and the resolved configuration the network is built from
-        self.plans_manager.plans["configurations"][configuration]["textguided"] = settings
-        self.configuration_manager.configuration["textguided"] = settings
+        self.plans_manager.plans["configurations"][configuration]["textguided"] = block
+        self.configuration_manager.configuration["textguided"] = block
+
+    # -- settings -------------------------------------------------------------------------------------------
+    @classmethod
+    def own_settings(cls) -> dict:
+        """The variant settings of this class and its bases (nearest wins)."""
+        out: dict = {}
+        for k in reversed(cls.__mro__):
+            out.update(k.__dict__.get("variant_settings", {}) or {})
+        return out
+
+    @classmethod
+    def resolve_settings(cls, configuration: dict, where: str = "the configuration"):
+        """This trainer's typed settings for a configuration dict (``settings.resolve``)."""
+        return settings_schema.resolve(cls.textguided_method, configuration, cls.own_settings(), cls.__name__, where)
+
+    @classmethod
+    def textguided_block(cls, plans_manager, configuration_manager, settings=None, dataset_json=None) -> dict:
+        """The resolved ``textguided`` block: method, every setting, and what the network builder derives from
+        them for this configuration (encoder records to fill, streams, windows...)."""
+        s = settings if settings is not None else cls.resolve_settings(configuration_manager.configuration)
+        derived = cls.settings_for(plans_manager, configuration_manager, s, dataset_json)
+        return {"method": cls.textguided_method, "settings": settings_schema.as_dict(s), **derived}
+
+    def check_weights_available(self, block: dict, configuration: str) -> None:
+        """Every encoder's weights are here (a file, a folder, the hub cache or a reachable hub), checked in well
+        under a second before anything is built: else one message naming the setting, what is missing, where to
+        get it and where to put it."""
+        s = self.settings
+        for spec in block.get("encoders", {}):
+            try:
+                check_available(spec)
+            except EncoderUnavailableError as e:
+                names = [k for k in settings_schema.encoder_keys(self.textguided_method) if getattr(s, k) == spec]
+                key = names[0] if names else "the encoder"
+                raise EncoderUnavailableError(
+                    f"{type(self).__name__}, setting {key}: {e}. Or train with other weights: nnunet-textguided "
+                    f"add-config -d {self.plans_manager.dataset_name} {configuration} --name NEW_CONFIGURATION "
+                    f"--set {key}=SPEC (untrained tiny-* stand-ins only for tests)") from None
+
+    @classmethod
+    def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json: dict | None = None) -> dict:
+        """What this method's network builder needs, derived from the typed ``settings`` for a configuration
+        (must hold ``encoders``: {spec: {}} for every encoder used). ``dataset_json`` is the dataset's description
+        (label vocabularies and tasks of universal datasets live there)."""
+        raise NotImplementedError
 
     # -- to be provided by each method ---------------------------------------------------------------------
-    #: the method's paper configuration: a preset in plans/ (with a ``reference`` dataset description), the
-    #: paper's encoder specs by role, and the figures the paper reports (for ``nnunet-textguided params``)
+    #: the method's paper configuration: a preset in plans/ (with a ``reference`` dataset description) and the
+    #: figures the paper reports (for ``nnunet-textguided params``); the paper's encoders are the schema's defaults
     paper_preset: str | None = None
-    paper_encoders: dict[str, str] = {}
     paper_figures: dict[str, float] = {}
     #: the configuration preset of tests and the demo
     tiny_preset: str = "3d_tiny"
@@ -167,19 +251,13 @@ class TextGuidedTrainer(nnUNetTrainer):
                              f"{len(patch)}D patch {patch}. Train a {cls.spatial_dims}d configuration "
                              f"({cls.configuration_hint}).")
 
-    @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders: dict[str, str] | None = None,
-                     dataset_json: dict | None = None) -> dict:
-        """The ``textguided`` settings of this trainer for a configuration. ``encoders`` ({role: spec})
-        replaces the trainer's encoder choice (paper configurations, counting); otherwise the trainer's
-        attributes and their environment overrides apply. ``dataset_json`` is the dataset's description
-        (label vocabularies and tasks of universal datasets live there)."""
-        raise NotImplementedError
+    # -- optimiser ------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """The settings' optimiser and schedule (sgd + poly: nnU-Net's own)."""
+        return build_optimizer_and_schedule(self.optimised_parameters(), self.settings, self.num_epochs)
 
-    @staticmethod
-    def setting(env_name: str, default: str) -> str:
-        """A trainer setting with an environment override (nnUNetv2_train has no free-form arguments)."""
-        return os.environ.get(env_name, default)
+    def optimised_parameters(self):
+        return self.network.parameters()
 
     # -- network --------------------------------------------------------------------------------------------
     @staticmethod
@@ -189,12 +267,17 @@ class TextGuidedTrainer(nnUNetTrainer):
         if settings is None:
             raise RuntimeError("this configuration has no 'textguided' settings: the model folder's plans.json was "
                                "not written by a nnunet-textguided trainer")
+        if "method" not in settings:
+            raise RuntimeError("this configuration's 'textguided' block holds unresolved settings: build the network "
+                               "through a nnunet-textguided trainer (nnUNetv2_train), or predict from a model folder")
         if settings.get("notes") and _built_for_stock_predictor():
             from ..conditioning.notes import NOTES_REQUIRED, NotesRequiredError
             raise NotesRequiredError(NOTES_REQUIRED)  # before nnU-Net writes anything into the output folder
+        settings_schema.check_environment("building a nnunet-textguided network")
         backbone = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                             num_output_channels, enable_deep_supervision)
         check_and_record_encoders(settings)
+        warn_untrained(settings)
         builder = NETWORK_BUILDERS[settings["method"]]
         return builder(settings, backbone, plans_manager, configuration_manager, num_input_channels)
 
@@ -215,7 +298,7 @@ class TextGuidedTrainer(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
-        untrained = [s for s, r in self.textguided.get("encoders", {}).items() if r.get("untrained")]
+        untrained = untrained_encoders(self.textguided)
         if untrained:
             self.print_to_log_file(f"WARNING: encoders {untrained} are random-init test encoders (untrained); "
                                    "results say nothing about the method. See README for real encoders.")
@@ -267,13 +350,12 @@ class TextGuidedTrainer(nnUNetTrainer):
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         self.reconcile_saved_settings(saved)
         compare_encoder_records(saved.get("encoders", {}), self.textguided.get("encoders", {}), str(where))
-        changed = sorted(k for k in set(saved) | set(self.textguided)
-                         if k != "encoders" and saved.get(k) != self.textguided.get(k))
+        changed = changed_settings(saved, self.textguided)
         if changed:
             raise RuntimeError(f"{where} was trained with other settings for {', '.join(changed)} ("
-                               + "; ".join(f"{k}: {saved.get(k)!r} -> {self.textguided.get(k)!r}" for k in changed)
-                               + "). Resume with the same nnUNet_textguided_* environment variables, or start a "
-                               "new training.")
+                               + "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
+                               + "). Resume with the configuration's textguided settings the run started with, or "
+                               "start a new training under another configuration name.")
         if self.training_only is not None:
             if "training_only_weights" not in checkpoint:
                 raise RuntimeError(f"{where} has no training_only_weights (the {type(self).__name__} losses' own "
@@ -291,16 +373,19 @@ class TextGuidedTrainer(nnUNetTrainer):
         if self.local_rank == 0:
             self.write_extended_summary(join(self.output_folder, "validation"))
 
+
+
     def write_extended_summary(self, folder: str) -> dict:
         """Re-evaluate ``folder`` with the papers' metrics (HD95, precision, recall, accuracy, both mIoU forms)
         and replace nnU-Net's summary.json there by the superset (same keys, more keys)."""
-        from ..evaluation.evaluate import compute_metrics_on_folder_extended
+        from ..evaluation.evaluate import block_record, compute_metrics_on_folder_extended
         lm = self.label_manager
         metrics = compute_metrics_on_folder_extended(
             join(self.preprocessed_dataset_folder_base, "gt_segmentations"), folder, join(folder, "summary.json"),
             self.plans_manager.image_reader_writer_class(), self.dataset_json["file_ending"],
             lm.foreground_regions if lm.has_regions else lm.foreground_labels, lm.ignore_label, chill=True,
-            num_processes=default_num_processes, case_regions=self.validation_case_regions())
+            num_processes=default_num_processes, case_regions=self.validation_case_regions(),
+            model={"trainer": type(self).__name__, **block_record(self.configuration_name, self.textguided)})
         fg = metrics["foreground_mean"]
         self.print_to_log_file("Validation (extended summary.json): " + ", ".join(
             f"{k} {fg[k]:.4f}" for k in ("Dice", "IoU", "HD95", "Precision", "Recall") if k in fg))
@@ -312,18 +397,34 @@ class TextGuidedTrainer(nnUNetTrainer):
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rot, dummy2d, initial, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if self.mirror_axes_override is not None:
-            mirror_axes = tuple(self.mirror_axes_override)
-            self.inference_allowed_mirroring_axes = mirror_axes
+        if self.settings.mirror_axes is not None:
+            mirror_axes = tuple(self.settings.mirror_axes)
+            self.inference_allowed_mirroring_axes = mirror_axes or None  # nnU-Net's predictor: None = no mirroring
         return rot, dummy2d, initial, mirror_axes
+
+
+def changed_settings(saved: dict, current: dict) -> dict[str, tuple]:
+    """{key: (saved, current)} of two resolved blocks, encoder records apart; the settings compared key by key."""
+    out = {}
+    for k in sorted(set(saved) | set(current)):
+        if k == "encoders":
+            continue
+        a, b = saved.get(k), current.get(k)
+        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out.update({f"settings.{n}": (a.get(n), b.get(n)) for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)})
+        elif a != b:
+            out[k] = (a, b)
+    return out
 
 
 def short_schedule(base: type, epochs: int, iterations: int, val_iterations: int,
                    mirror_axes: tuple[int, ...] | None = (0,), module: str | None = None) -> type:
-    """nnU-Net's ``_Xepochs`` pattern with fewer iterations per epoch (for CPU tests and the demo)."""
+    """nnU-Net's ``_Xepochs`` pattern with fewer iterations per epoch (for CPU tests and the demo): a variant that
+    fixes epochs, iterations and (if given) the mirrored axes."""
     name = f"{base.__name__}_{epochs}epochs"
-    attrs = {"short_epochs": epochs, "short_iterations_per_epoch": iterations,
-             "short_val_iterations_per_epoch": val_iterations, "mirror_axes_override": mirror_axes,
-             "__module__": module or base.__module__,
+    fixed = {"epochs": epochs, "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations}
+    if mirror_axes is not None:
+        fixed["mirror_axes"] = tuple(mirror_axes)
+    attrs = {"variant_settings": fixed, "schedule_of": base, "__module__": module or base.__module__,
              "__doc__": f"{base.__name__} with {epochs} epochs x {iterations} iterations (CPU tests / demo)."}
     return type(name, (base,), attrs)

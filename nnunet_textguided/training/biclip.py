@@ -8,10 +8,10 @@
 | BiCLIPTrainer (= Net4)    | image + caption  | online                                                    |
 | BiCLIPTrainer_offline     | image + caption  | paper mode: per-full-slice tables from the store          |
 
-Encoders: trainer attributes ``image_encoder`` / ``caption_encoder``, overridable with the environment
-variables ``nnUNet_textguided_image_encoder`` / ``nnUNet_textguided_caption_encoder``. Defaults are the tiny
-random test encoders (CPU demo); the paper's are e.g. ``pmcclip:/path/to/image_encoder(resnet50).pth`` and
-``coca:coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k`` (see README).
+Settings (``settings.BiCLIPSettings``, in the configuration's ``textguided.biclip`` block): ``image_encoder`` /
+``caption_encoder`` default to the paper's PMC-CLIP image tower (``pmc-clip/image_encoder(resnet50).pth`` under the
+weights root) and CoCa ViT-L/14; the ablations fix ``streams``, the paper mode fixes ``mode``; ``nnformer_weights``
+starts an nnFormer backbone from a checkpoint. The tiny presets name tiny stand-in encoders for CPU tests.
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from ..conditioning.slices import (OnlineSliceConditioner, SliceStream, TableSli
 from ..conditioning.store import EmbeddingStore, case_data_files, extract_command
 from ..data.position_channels import PositionAwareTransforms, PositionedDataset
 from ..networks.biclip import BiCLIPNetwork
+from .. import settings as settings_schema
 from .base import TextGuidedTrainer, check_and_record_encoders, register_network_builder, short_schedule
 
 STREAM_METHODS = {"image": "embed_images", "caption": "embed_captions"}
 NNFORMER_CLASS = "nnunet_textguided.networks.nnformer.NnFormer"
-#: what the paper leaves open (METHODS.md), as settings recorded in the run's plans.json:
+#: what the paper leaves open (METHODS.md); settings ``num_attention_blocks``, ``combine``, ``fusion_hidden``:
 #: - two fused global self-attention layers that *follow* the bottleneck (its own layers stay), built like its
 #:   last layer and starting from its weights ("bottleneck"; "fresh" for backbones without attention layers);
 #: - the CLIP maps of the two streams are summed pixel-wise ("sum" | "mean");
@@ -37,7 +38,6 @@ NNFORMER_CLASS = "nnunet_textguided.networks.nnformer.NnFormer"
 #: - fusion MLP 2C -> C -> C (fusion_hidden None = C); LayerNorm after the adapters' Conv1d (SliceEmbeddingAdapter);
 #: - slices rendered with a fixed window (``window``) and resized by each encoder to its own input size;
 #:   CoCa generation settings are part of the caption encoder's spec (``?generation=greedy&seq_len=...``).
-PAPER_OPEN_CHOICES = {"num_attention_blocks": 2, "combine": "sum", "fusion_hidden": None}
 
 
 def bottleneck_geometry(configuration_manager) -> tuple[tuple[int, int, int], int]:
@@ -81,27 +81,19 @@ class BiCLIPTrainer(TextGuidedTrainer):
     """BiCLIP Net4 (both streams), online conditioning: exact under stock nnUNetv2_predict."""
 
     textguided_method = "biclip"
-    streams: tuple[str, ...] = ("image", "caption")
-    mode = "online"
-    image_encoder = "tiny-pmcclip"
-    caption_encoder = "tiny-coca"
-
+    #: the paper trains nnFormer (BiCLIP-nnFormer); 500 epochs, SGD 1e-2, momentum 0.99, weight decay 3e-5 with
+    #: nnU-Net's poly schedule are the schema's defaults
     paper_preset = "3d_nnformer_synapse"
-    #: the BiCLIP paper trains nnFormer for 500 epochs (SGD 1e-2, momentum 0.99, Nesterov, weight decay 3e-5:
-    #: nnU-Net's own optimizer and poly schedule)
-    default_epochs = 500
-    paper_encoders = {"image": "pmcclip:image_encoder(resnet50).pth",
-                      "caption": "coca:coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k"}
 
     @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders=None, dataset_json=None) -> dict:
-        specs = encoders or {"image": cls.setting("nnUNet_textguided_image_encoder", cls.image_encoder),
-                             "caption": cls.setting("nnUNet_textguided_caption_encoder", cls.caption_encoder)}
-        streams = [{"name": n, "encoder": specs[n], "method": STREAM_METHODS[n]} for n in cls.streams]
-        return {"method": "biclip", "mode": cls.mode, "streams": streams,
+    def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json=None) -> dict:
+        specs = {"image": settings.image_encoder, "caption": settings.caption_encoder}
+        streams = [{"name": n, "encoder": specs[n], "method": STREAM_METHODS[n]} for n in settings.streams]
+        return {"mode": settings.mode, "streams": streams,
                 "encoders": {s["encoder"]: {} for s in streams},
                 "window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration)),
-                **PAPER_OPEN_CHOICES,
+                "num_attention_blocks": settings.num_attention_blocks, "combine": settings.combine,
+                "fusion_hidden": settings.fusion_hidden,
                 # the paper's initialisation needs attention layers in the backbone's bottleneck (nnFormer)
                 "attention_init": ("bottleneck" if configuration_manager.network_arch_class_name == NNFORMER_CLASS
                                    else "fresh")}
@@ -120,32 +112,41 @@ class BiCLIPTrainer(TextGuidedTrainer):
             loss.weight_factors = tuple(w / w.sum())
         return loss
 
+    def check_weights_available(self, block: dict, configuration: str) -> None:
+        super().check_weights_available(block, configuration)
+        weights = self.settings.nnformer_weights
+        if weights and not self.uses_nnformer:
+            raise settings_schema.SettingsError(
+                f"setting nnformer_weights={weights!r}, but configuration '{configuration}' is not an nnFormer "
+                "configuration (3d_nnformer_synapse, 3d_nnformer_acdc, 3d_nnformer_tiny)")
+        if weights and not settings_schema.resolve_path(weights, "nnFormer checkpoint").is_file():
+            raise settings_schema.SettingsError(
+                f"setting nnformer_weights: {settings_schema.resolve_path(weights)} not found. Put the nnFormer "
+                "checkpoint there (nnFormer's release: https://github.com/282857341/nnFormer), or train from scratch "
+                f"(--set nnformer_weights=none)")
+
     def initialize(self):
         super().initialize()
-        weights = self.setting("nnUNet_textguided_nnformer_weights", "")
-        if weights and not self.uses_nnformer:
-            raise ValueError(f"nnUNet_textguided_nnformer_weights is set ({weights}) but configuration "
-                             f"'{self.configuration_name}' is not an nnFormer configuration")
-        if weights:
-            self.load_nnformer_weights(weights)
+        if self.settings.nnformer_weights:
+            self.load_nnformer_weights(str(settings_schema.resolve_path(self.settings.nnformer_weights)),
+                                       self.settings.nnformer_weights_trusted)
 
-    def load_nnformer_weights(self, path: str) -> dict:
-        """Initialise the nnFormer backbone from a local nnFormer checkpoint (set
-        ``nnUNet_textguided_nnformer_weights``); the fused attention layers then start from the loaded last
-        bottleneck layer. Everything not loaded is reported in the log."""
+    def load_nnformer_weights(self, path: str, trusted: bool = False) -> dict:
+        """Initialise the nnFormer backbone from a local nnFormer checkpoint (setting ``nnformer_weights``); the
+        fused attention layers then start from the loaded last bottleneck layer. Everything not loaded is
+        reported in the log."""
         import torch
 
         from ..io import UnsafeCheckpointError, numpy_safe_globals, safe_torch_load
         from ..networks.nnformer import load_nnformer_checkpoint
         net = self.bare_network()
-        trusted = self.setting("nnUNet_textguided_nnformer_weights_trusted", "0") == "1"
         if not trusted:
             try:
                 safe_torch_load(path, what="nnFormer checkpoint")  # refuses pickled code before anything loads it
             except UnsafeCheckpointError as e:
                 raise UnsafeCheckpointError(
                     f"{e}. nnFormer's own .model files pickle numpy objects: if you trust this file, set "
-                    "nnUNet_textguided_nnformer_weights_trusted=1 to load it with full unpickling") from None
+                    "nnformer_weights_trusted=true in the configuration to load it with full unpickling") from None
         with torch.serialization.safe_globals(numpy_safe_globals()):
             report = load_nnformer_checkpoint(net.backbone, path, weights_only=not trusted)
         net.reset_attention_from_bottleneck()
@@ -157,7 +158,7 @@ class BiCLIPTrainer(TextGuidedTrainer):
 
 class BiCLIPTrainer_Net1(BiCLIPTrainer):
     """Ablation Net1: the backbone alone."""
-    streams = ()
+    variant_settings = {"streams": ()}
 
 
 class nnFormerTrainer(BiCLIPTrainer_Net1):
@@ -176,12 +177,12 @@ class nnFormerTrainer(BiCLIPTrainer_Net1):
 
 class BiCLIPTrainer_Net2(BiCLIPTrainer):
     """Ablation Net2: PMC-CLIP image-embedding stream only."""
-    streams = ("image",)
+    variant_settings = {"streams": ("image",)}
 
 
 class BiCLIPTrainer_Net3(BiCLIPTrainer):
     """Ablation Net3: CoCa caption-embedding stream only."""
-    streams = ("caption",)
+    variant_settings = {"streams": ("caption",)}
 
 
 class BiCLIPTrainer_Net4(BiCLIPTrainer):
@@ -200,7 +201,7 @@ class SliceTableStore(EmbeddingStore):
 class BiCLIPTrainer_offline(BiCLIPTrainer):
     """Paper mode: embeddings of every full slice computed offline into the store, aligned to each patch's
     source slices through positional channels. Predict with nnUNetv2_predict_textguided."""
-    mode = "offline"
+    variant_settings = {"mode": "offline"}
 
     # -- the store ----------------------------------------------------------------------------------------
     def slice_stores(self) -> list[tuple[SliceStream, SliceTableStore]]:

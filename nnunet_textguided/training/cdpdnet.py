@@ -20,9 +20,10 @@ Inference: every label of the vocabulary is predicted under a task that annotate
 or under one named task (``default_task`` in the merge, or ``--task`` of ``nnUNetv2_predict_textguided``);
 ``--labels`` there selects labels by free text.
 
-Encoders: ``text_encoder`` / ``dino_encoder`` attributes, overridable with ``nnUNet_textguided_text_encoder``
-/ ``nnUNet_textguided_dino_encoder``. Defaults: the bundled MiniLM (real, offline) and the tiny random DINOv2;
-the paper's are ``openclip:ViT-B-32@openai`` and ``hf:facebook/dinov2-base``.
+Settings (``settings.CDPDNetSettings``, the configuration's ``textguided.cdpdnet`` block): ``text_encoder`` and
+``dino_encoder`` default to the paper's CLIP ViT-B/32 text tower and DINOv2-base (``hf:facebook/dinov2-base``: a
+folder of that name under the weights root, else the hub); the ablations fix ``use_alignment`` / ``use_dino`` /
+``use_ttpg``.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ from ..conditioning.slices import get_encoder, window_from_plans
 from ..data.merge import load_universal
 from ..losses.partial import PartialLabelLoss
 from ..networks.cdpdnet import CDPDNet
+from .. import settings as settings_schema
 from .base import TextGuidedTrainer, register_network_builder, short_schedule
 
-#: what the paper leaves open, recorded in the run's plans.json (see METHODS.md / README):
+#: what the paper leaves open, as settings (see METHODS.md / README):
 #: - DINOv2 sees each slice resized to 98 px (7 x 7 tokens), [0, 1] without ImageNet normalisation, rendered
 #:   with the fixed CT window of the plans; the last k blocks' hidden states feed the k fused stages;
 #: - fused stages = the (up to) three stages above the bottleneck, never the first one;
@@ -49,8 +51,8 @@ from .base import TextGuidedTrainer, register_network_builder, short_schedule
 #: - text features 256-d, fusion window 3^3 with 4 heads and 2 blocks (regular + shifted windows);
 #: - identity_init: FiLM starts at gamma ~ 1 and the fusion branches at zero (networks/cdpdnet.py: with the
 #:   authors' initialisation small organs start learning 3x later on the phantom merge).
-PAPER_OPEN_CHOICES = {"dino_image_size": 98, "dino_normalize": False, "slice_pool": 14, "text_dim": 256,
-                      "fusion_window": [3, 3, 3], "fusion_heads": 4, "fusion_depth": 2, "identity_init": True}
+OPEN_CHOICE_KEYS = ("dino_image_size", "dino_normalize", "slice_pool", "text_dim", "fusion_window", "fusion_heads",
+                    "fusion_depth", "identity_init")
 
 
 class PartialLabelError(ValueError):
@@ -148,16 +150,8 @@ class CDPDNetTrainer(TextGuidedTrainer):
     textguided_method = "cdpdnet"
     #: trains on universal datasets (``nnunet-textguided merge``): label vocabulary and tasks in dataset.json
     universal = True
-    use_alignment = True
-    use_dino = True
-    use_ttpg = True
-    text_encoder = "minilm"
-    dino_encoder = "tiny-dinov2"
 
     paper_preset = "3d_cdpdnet_paper"
-    paper_encoders = {"text": "openclip:ViT-B-32@openai", "dino": "hf:facebook/dinov2-base"}
-    #: the paper trains 1000 epochs with AdamW 4e-4 (warm-up 50, cosine); here nnU-Net's SGD + poly schedule
-    default_epochs = 1000
     tiny_preset = "3d_tiny"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -167,7 +161,7 @@ class CDPDNetTrainer(TextGuidedTrainer):
         # a partially labelled case carries few annotated structures: centre 2 of 3 patches on annotated
         # foreground (a pos:neg = 2:1 crop), per sample at random — nnU-Net's deterministic scheme rounds 0.66
         # and its default 0.33 to the same one sample in a batch of 2
-        self.oversample_foreground_percent = 0.66
+        self.oversample_foreground_percent = self.settings.oversample_foreground
         self.probabilistic_oversampling = True
         self.universal = load_universal(dataset_json)
         regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
@@ -181,27 +175,27 @@ class CDPDNetTrainer(TextGuidedTrainer):
                              f"{u.codes}); re-run the merge and the preprocessing")
 
     @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders=None, dataset_json=None) -> dict:
+    def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json=None) -> dict:
         if dataset_json is None:
             raise ValueError(f"{cls.__name__} needs the dataset's dataset.json (label vocabulary and tasks)")
         u = load_universal(dataset_json)
-        specs = encoders or {"text": cls.setting("nnUNet_textguided_text_encoder", cls.text_encoder),
-                             "dino": cls.setting("nnUNet_textguided_dino_encoder", cls.dino_encoder)}
+        s = settings
+        specs = {"text": s.text_encoder, "dino": s.dino_encoder}
         task_labels = [list(labels) for _, labels in u.tasks]
         label_tasks = route_labels(task_labels, list(u.labels),
                                    preferred=None if u.default_task == "auto" else u.task_index(u.default_task))
-        used = [specs["text"]] + ([specs["dino"]] if cls.use_dino else [])
+        used = [specs["text"]] + ([specs["dino"]] if s.use_dino else [])
         use = {specs["text"]: {"role": "label/task prompts", "towers": ["text"], "at_inference": False}}
-        if cls.use_dino:
+        if s.use_dino:
             use[specs["dino"]] = {"role": "dense slice features"}
-        return {"method": "cdpdnet", "encoders": {s: {} for s in used}, "encoder_use": use,
-                "text_encoder": specs["text"], "dino_encoder": specs["dino"] if cls.use_dino else None,
-                "use_alignment": cls.use_alignment, "use_dino": cls.use_dino, "use_ttpg": cls.use_ttpg,
+        return {"encoders": {e: {} for e in used}, "encoder_use": use,
+                "text_encoder": specs["text"], "dino_encoder": specs["dino"] if s.use_dino else None,
+                "use_alignment": s.use_alignment, "use_dino": s.use_dino, "use_ttpg": s.use_ttpg,
                 "labels": list(u.labels), "tasks": [name for name, _ in u.tasks], "task_labels": task_labels,
                 "organ_prompts": u.organ_prompts(), "task_prompts": u.task_prompts(),
                 "default_task": u.default_task, "label_tasks": label_tasks,
                 "window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration)),
-                **PAPER_OPEN_CHOICES}
+                **{k: settings_schema.as_dict(s)[k] for k in OPEN_CHOICE_KEYS}}
 
     # -- nnU-Net hooks --------------------------------------------------------------------------------------
     def on_train_start(self):
@@ -338,7 +332,7 @@ _SWITCHES = {"Baseline": (False, False, False), "CLIPEVA": (True, False, False),
              "DINO_TTPG": (False, True, True)}
 ABLATION_TRAINERS = [
     type(f"CDPDNetTrainer_{name}", (CDPDNetTrainer,),
-         {"use_alignment": a, "use_dino": d, "use_ttpg": t, "__module__": __name__,
+         {"variant_settings": {"use_alignment": a, "use_dino": d, "use_ttpg": t}, "__module__": __name__,
           "__doc__": f"CDPDNet ablation (Table V): CLIP-EVA {'on' if a else 'off'}, DINOv2 {'on' if d else 'off'}, "
                      f"TTPG {'on' if t else 'off'}."})
     for name, (a, d, t) in _SWITCHES.items()]

@@ -3,7 +3,7 @@ segmentation with MSFF and UpAttention (stage 2).
 
 | trainer                     | what it trains (paper Table 3)                                                 |
 |-----------------------------|--------------------------------------------------------------------------------|
-| MPTPNTrainer                | full model, PPE initialised from the stage-1 checkpoint (``nnUNet_textguided_ppe``) |
+| MPTPNTrainer                | full model, PPE initialised from the stage-1 checkpoint (setting ``ppe_weights``) |
 | MPTPNTrainer_noPretrain     | the same network from random initialisation (PPE* without stage 1)            |
 | MPTPNTrainer_noDownViT      | no DownViT: patch embeddings only, the note does not enter (the authors' ablation) |
 | MPTPNTrainer_noUpViT        | no UpViT: reconstruction from the DownViT outputs                               |
@@ -15,7 +15,8 @@ Two stages, two commands:
 1. ``nnunet-textguided pretrain-ppe IMAGES_WITH_CAPTIONS_DIR -o ppe.pth`` (``training.ppe_pretrain``): SimSiam on
    image-caption pairs (COCO in the paper). Use the text encoder, ``--max-tokens`` and ``--base-channels`` of
    the stage-2 trainer (defaults: minilm, 10, 64 = the paper configuration's C).
-2. ``nnUNet_textguided_ppe=ppe.pth nnUNetv2_train D 2d_mptpn_paper 0 -tr MPTPNTrainer``: when a new training is
+2. ``nnunet-textguided add-config -d D 2d_mptpn_paper --set ppe_weights=ppe.pth``, then ``nnUNetv2_train D
+   2d_mptpn_paper 0 -tr MPTPNTrainer``: when a new training is
    set up (``initialize``, before any data is read) the PPE's tensors (weights and BatchNorm statistics) are
    replaced by the stage-1 ones — the
    authors' released code loads the checkpoint and never applies it (and leaves the PPE out of the optimizer);
@@ -29,21 +30,20 @@ Two stages, two commands:
 Network: ``networks.mptpn.MPTPN`` with C = ``features_per_stage[0]`` of the configuration (``2d_mptpn_paper``:
 64 at 224 x 224; ``2d_tiny``: 8 at 64 x 64), 8 heads; patch sides must be multiples of 16. Notes: ``<CASE>.txt``
 per image through the package's note store (``training.notes``), ``max_tokens`` 10 (the paper truncates to 10
-BERT tokens); text encoder ``nnUNet_textguided_text_encoder`` (default the bundled MiniLM; the paper's is
-BERT-base, ``hf:bert-base-uncased``).
+BERT tokens); text encoder setting ``text_encoder`` (the paper's BERT-base, ``hf:bert-base-uncased``: a folder of that
+name under the weights root, else the hub).
 
 Loss: 0.5 WBCE + 0.5 WDice on the sigmoid of each foreground logit (``losses.mptpn``), no deep supervision.
-Optimiser: Adam 1e-4 (the paper and code; ``nnUNet_textguided_lr``), no weight decay; schedule nnU-Net's poly
+Optimiser: Adam 1e-4 (the paper and code; settings ``optimizer``, ``lr``), no weight decay; schedule nnU-Net's poly
 decay over nnU-Net's epochs (the paper states none; the code's warm restarts have eta_min = lr, a constant lr).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
+from .. import settings as settings_schema
 from ..conditioning.notes import NoteConditioner
 from ..conditioning.store import file_sha256
 from ..losses.mptpn import WeightedBCEDiceLoss
@@ -51,9 +51,7 @@ from ..networks.mptpn import MPTPN, PATCH_SIZES, adapt_ppe_state
 from .base import register_network_builder, short_schedule
 from .notes import NoteGuidedTrainer, token_dim
 
-PPE_ENV = "nnUNet_textguided_ppe"
-FULL = {"down_vit": True, "up_vit": True, "msff": True, "up_attention": True}
-NUM_HEADS = 8
+VARIANT_KEYS = ("down_vit", "up_vit", "msff", "up_attention")
 
 
 class StageOneError(ValueError):
@@ -73,22 +71,15 @@ def build_mptpn_network(settings, backbone, plans_manager, configuration_manager
 class MPTPNTrainer(NoteGuidedTrainer):
     """MPTPN: stage-1 PPE (note tokens + image) -> MSFF -> UpAttention; one note per image."""
     textguided_method = "mptpn"
-    max_tokens = 10
-    variant: dict[str, bool] = FULL
-    #: initialise the PPE from the stage-1 checkpoint (False: MPTPNTrainer_noPretrain)
-    pretrained = True
     configuration_hint = "2d, 2d_tiny, 2d_mptpn_paper"
 
     paper_preset = "2d_mptpn_paper"
-    paper_encoders = {"text": "hf:bert-base-uncased"}
     paper_figures: dict[str, float] = {}  # the paper reports no parameter count
-    initial_lr_adam = 1e-4
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # one output
-        self.initial_lr = float(self.setting("nnUNet_textguided_lr", str(self.initial_lr_adam)))
 
     @classmethod
     def check_configuration(cls, configuration_manager, configuration: str = "") -> None:
@@ -99,24 +90,27 @@ class MPTPNTrainer(NoteGuidedTrainer):
                              f"{patch}. Use a patch whose sides are multiples of 16 (2d_tiny, 2d_mptpn_paper)")
 
     @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders=None, dataset_json=None) -> dict:
+    def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json=None) -> dict:
         base = int(configuration_manager.network_arch_init_kwargs["features_per_stage"][0])
-        if base % NUM_HEADS:
+        if base % settings.num_heads:
             raise ValueError(f"MPTPN's PPE width C = features_per_stage[0] = {base} must be a multiple of its "
-                             f"{NUM_HEADS} attention heads")
-        return {"method": "mptpn", **cls.note_settings(encoders), "base_channels": base, "num_heads": NUM_HEADS,
-                "variant": dict(cls.variant), "stage1": cls.stage1_reference()}
+                             f"{settings.num_heads} attention heads (setting num_heads)")
+        return {**cls.note_settings(settings), "base_channels": base, "num_heads": settings.num_heads,
+                "variant": {k: getattr(settings, k) for k in VARIANT_KEYS}, "stage1": cls.stage1_reference(settings)}
 
-    @classmethod
-    def stage1_reference(cls) -> dict | None:
-        """{"path", "sha256"} of the stage-1 checkpoint named by ``nnUNet_textguided_ppe`` (None if unset or for
-        MPTPNTrainer_noPretrain; sha256 None if the file does not exist: only a fresh training needs it, and
-        says so)."""
-        path = os.environ.get(PPE_ENV) if cls.pretrained else None
-        if not path:
+    @staticmethod
+    def stage1_reference(settings) -> dict | None:
+        """{"path", "sha256"} of the stage-1 checkpoint of setting ``ppe_weights`` (path as stored: relative to the
+        weights root when under it; None if unset or ``pretrained`` is false; sha256 None if the file is not
+        here: only a fresh training needs it, and says so)."""
+        if not settings.pretrained or not settings.ppe_weights:
             return None
-        path = os.path.abspath(os.path.expanduser(path))
-        return {"path": path, "sha256": file_sha256(Path(path)) if os.path.isfile(path) else None}
+        try:
+            path = settings_schema.resolve_path(settings.ppe_weights, "stage-1 checkpoint")
+        except settings_schema.SettingsError:
+            path = None
+        here = path is not None and path.is_file()
+        return {"path": settings.ppe_weights, "sha256": file_sha256(path) if here else None}
 
     # -- stage 1 -> stage 2 ------------------------------------------------------------------------------
     def initialise_ppe_from_stage1(self) -> list[str]:
@@ -129,10 +123,13 @@ class MPTPNTrainer(NoteGuidedTrainer):
                 f"{type(self).__name__} initialises its prompt encoder from MPTPN's stage 1 and no checkpoint is set: "
                 f"run `nnunet-textguided pretrain-ppe IMAGES_WITH_CAPTIONS_DIR -o ppe.pth` (image-caption pairs, "
                 f"--text-encoder {s['text_encoder']} --max-tokens {s['max_tokens']} --base-channels "
-                f"{s['base_channels']}), then train with {PPE_ENV}=ppe.pth; or train MPTPNTrainer_noPretrain")
-        path = ref["path"]
+                f"{s['base_channels']}), then set it: nnunet-textguided add-config -d {self.plans_manager.dataset_name} "
+                f"{self.configuration_name} --name NEW_CONFIGURATION --set ppe_weights=ppe.pth; or train "
+                "MPTPNTrainer_noPretrain")
+        path = str(settings_schema.resolve_path(ref["path"], "stage-1 checkpoint"))
         if ref["sha256"] is None or file_sha256(Path(path)) != ref["sha256"]:
-            raise StageOneError(f"{PPE_ENV}={path}: " + ("no such file" if ref["sha256"] is None else
+            raise StageOneError(f"setting ppe_weights: {path}: " + (
+                                "no such file" if ref["sha256"] is None else
                                 "the file changed since this training was set up") + ". Pretrain the prompt "
                                 f"encoder first (nnunet-textguided pretrain-ppe IMAGES_WITH_CAPTIONS_DIR -o {path}), "
                                 "then start the training again")
@@ -151,8 +148,7 @@ class MPTPNTrainer(NoteGuidedTrainer):
                     f"{k} {cfg.get(k)!r} (trainer: {wanted[k]!r})" for k in differ)
                 + ". Pretrain again with " + " ".join(f"{f} {v}" for f, v in again.items())
                 + " (the text encoder's weights must be the same too), or give the trainer the checkpoint's "
-                "settings (nnUNet_textguided_text_encoder, nnUNet_textguided_max_tokens, the configuration's "
-                "features_per_stage[0])")
+                "settings (text_encoder, max_tokens, num_heads, the configuration's features_per_stage[0])")
         ppe = self.bare_network().ppe
         state, notes = adapt_ppe_state(ckpt["ppe"], cfg, ppe)
         ppe.load_state_dict(state, strict=True)
@@ -169,10 +165,6 @@ class MPTPNTrainer(NoteGuidedTrainer):
             raise ValueError("MPTPN's sigmoid head predicts labels, not nnU-Net regions; use a dataset with labels")
         return WeightedBCEDiceLoss(ignore_label=self.label_manager.ignore_label)
 
-    def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr)  # the authors': no weight decay
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # a single output
 
@@ -186,7 +178,7 @@ class MPTPNTrainer(NoteGuidedTrainer):
         super().initialize()
         if self._restoring:
             return
-        if self.pretrained:
+        if self.settings.pretrained:
             self.initialise_ppe_from_stage1()
         else:
             self.print_to_log_file("stage 1: none (MPTPNTrainer_noPretrain): the PPE starts from random weights")
@@ -200,20 +192,25 @@ class MPTPNTrainer(NoteGuidedTrainer):
 
     def reconcile_saved_settings(self, saved: dict) -> None:
         """A resumed run keeps the stage-1 reference it started from: its trained PPE is in the checkpoint, so
-        ``nnUNet_textguided_ppe`` may be unset, stale or name another file (which is then ignored, with a note)."""
+        setting ``ppe_weights`` may be unset, stale or name another file (which is then ignored, with a note)."""
         current, recorded = self.textguided.get("stage1"), saved.get("stage1")
         if current is not None and recorded is not None and current["sha256"] not in (None, recorded["sha256"]):
-            self.print_to_log_file(f"note: {PPE_ENV}={current['path']} is not the stage-1 checkpoint this run started "
-                                   f"from ({recorded['path']}); resuming takes every weight from the run's checkpoint")
+            self.print_to_log_file(f"note: ppe_weights={current['path']} is not the stage-1 checkpoint this run "
+                                   f"started from ({recorded['path']}); resuming takes every weight from the run's "
+                                   "checkpoint")
         self.textguided["stage1"] = recorded
+        saved_settings = saved.get("settings", {})
+        for k in ("ppe_weights",):  # only mattered when the run started
+            if k in saved_settings:
+                self.textguided["settings"][k] = saved_settings[k]
 
 def _variant(name: str, doc: str, **changes) -> type:
-    return type(name, (MPTPNTrainer,), {"variant": {**FULL, **changes}, "__doc__": doc, "__module__": __name__})
+    return type(name, (MPTPNTrainer,), {"variant_settings": changes, "__doc__": doc, "__module__": __name__})
 
 
 class MPTPNTrainer_noPretrain(MPTPNTrainer):
     """MPTPN without stage 1: the PPE starts from random weights (Table 3, PPE* ✗)."""
-    pretrained = False
+    variant_settings = {"pretrained": False}
 
 
 VARIANTS = [

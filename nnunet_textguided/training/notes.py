@@ -12,8 +12,8 @@ What it adds to TextGuidedTrainer:
 - inference: the network refuses to run without notes (stock ``nnUNetv2_predict`` stops with the name of
   ``nnUNetv2_predict_textguided``, which reads each new case's sidecar and encodes it with the same function).
 
-Encoder settings: ``text_encoder`` (``nnUNet_textguided_text_encoder``) and ``max_tokens``
-(``nnUNet_textguided_max_tokens``).
+Settings (``settings.NoteSettings`` and each method's schema): ``text_encoder`` and ``max_tokens``; no mirroring
+by default (``mirror_axes``: notes name sides).
 """
 from __future__ import annotations
 
@@ -47,12 +47,7 @@ def token_dim(settings: dict) -> int:
 
 
 class NoteGuidedTrainer(TextGuidedTrainer):
-    text_encoder = "minilm"
-    max_tokens = 18
-    #: read ``<CASE>.aux.txt`` too (TGC-Net's DATE): the store holds (note, auxiliary note) per case
-    aux_notes = False
     tiny_preset = "2d_tiny"
-    mirror_axes_override = ()  # see configure_rotation_dummyDA_mirroring_and_inital_patch_size
     spatial_dims = 2  # one note per 2D image
     configuration_hint = "2d, 2d_tiny, 2d_reclmis_paper"
 
@@ -64,14 +59,17 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         self.oversample_foreground_percent = 0.0
 
     @classmethod
-    def note_settings(cls, encoders: dict[str, str] | None = None) -> dict:
-        spec = (encoders or {}).get("text") or cls.setting("nnUNet_textguided_text_encoder", cls.text_encoder)
-        max_tokens = int(cls.setting("nnUNet_textguided_max_tokens", str(cls.max_tokens)))
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must be >= 2, got {max_tokens} (nnUNet_textguided_max_tokens)")
-        aux = {"aux_notes": True} if cls.aux_notes else {}
-        return {"notes": True, "text_encoder": spec, "max_tokens": max_tokens, **aux, "encoders": {spec: {}},
-                "encoder_use": {spec: {"role": "case notes", "towers": ["text"]}}}
+    def reads_aux_notes(cls, settings) -> bool:
+        """Whether the model reads ``<CASE>.aux.txt`` too (TGC-Net's DATE): the store then holds (note,
+        auxiliary note) per case."""
+        return False
+
+    @classmethod
+    def note_settings(cls, settings) -> dict:
+        spec = settings.text_encoder
+        aux = {"aux_notes": True} if cls.reads_aux_notes(settings) else {}
+        return {"notes": True, "text_encoder": spec, "max_tokens": settings.max_tokens, **aux,
+                "encoders": {spec: {}}, "encoder_use": {spec: {"role": "case notes", "towers": ["text"]}}}
 
     # -- the note store -----------------------------------------------------------------------------------
     def notes_folder(self) -> str:
@@ -173,14 +171,13 @@ class NoteGuidedTrainer(TextGuidedTrainer):
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """Notes name sides and positions ("all left lung and lower right lung"): no mirroring (training or
-        test time) and rotations within +-15 degrees instead of nnU-Net's +-180 for square 2D patches, so an
-        augmented image still matches its note."""
-        _, dummy2d, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        test time; setting ``mirror_axes``, default none) and rotations within +-15 degrees instead of nnU-Net's
+        +-180 for square 2D patches, so an augmented image still matches its note."""
+        _, dummy2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         rotation = (-MAX_ROTATION, MAX_ROTATION)
         patch = self.configuration_manager.patch_size
         initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
-        self.inference_allowed_mirroring_axes = None  # nnU-Net's predictor: None = no test-time mirroring
-        return rotation, dummy2d, initial, ()
+        return rotation, dummy2d, initial, mirror_axes
 
     def on_train_start(self):
         super().on_train_start()

@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from .. import settings
 from ..conditioning.notes import NoteError, encode_notes, read_note
 from ..conditioning.slices import get_encoder
 from ..data.lvit import IMAGE_EXTENSIONS, image_files
@@ -434,12 +435,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("folder", metavar="IMAGES_WITH_CAPTIONS_DIR", help="images (.png/.jpg/.jpeg/.bmp/.tif/.tiff) "
                    "with their captions")
     p.add_argument("-o", "--output", required=True, help="checkpoint file to write (resumed if it exists)")
-    p.add_argument("--text-encoder", default=os.environ.get("nnUNet_textguided_text_encoder", "minilm"),
-                   help="text encoder spec (default: $nnUNet_textguided_text_encoder or minilm); stage 2 must use "
-                   "the same")
-    p.add_argument("--max-tokens", type=int, default=int(os.environ.get("nnUNet_textguided_max_tokens", 10)),
-                   help="caption tokens L (default: $nnUNet_textguided_max_tokens or 10, the paper's); stage 2 must "
-                   "use the same")
+    stage2 = settings.MPTPNSettings()
+    p.add_argument("--text-encoder", default=stage2.text_encoder,
+                   help=f"text encoder spec (default: {stage2.text_encoder}, MPTPNTrainer's text_encoder setting); "
+                   "stage 2 must use the same")
+    p.add_argument("--max-tokens", type=int, default=stage2.max_tokens,
+                   help=f"caption tokens L (default: {stage2.max_tokens}, the paper's); stage 2 must use the same")
     p.add_argument("--size", type=int, nargs="+", default=[224], metavar="S",
                    help="image size: S or H W, multiples of 16 (default 224)")
     p.add_argument("--base-channels", type=int, default=64, help="PPE width C (default 64)")
@@ -459,6 +460,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ..encoders.registry import portable_spec
+    try:
+        settings.check_environment(PROG)
+        args.text_encoder = portable_spec(args.text_encoder)  # the form stage 2's settings record
+    except ValueError as e:  # SettingsError, EncoderSpecError
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     if len(args.size) not in (1, 2):
         print(f"{PROG}: error: --size takes one or two integers, got {len(args.size)}", file=sys.stderr)
         return 2

@@ -15,30 +15,27 @@ optimises them beside the network and keeps them in the checkpoint under ``train
 network's own weights — what ``nnUNetv2_predict_textguided`` loads — hold only the inference graph.
 
 Segmentation loss: nnU-Net's Dice + CE (softmax over background/foreground, i.e. the code's sigmoid BCE for one
-class) averaged 1:1 like the authors' 0.5 Dice + 0.5 BCE; total = 1 CVR + 1 CLR + 0.2 CCL + 5 seg
-(``loss_weights``; environment ``nnUNet_textguided_loss_weights="1,1,0.2,5"``). Optimiser: Adam 3e-4 with a
-cosine schedule (the paper); no deep supervision (one output).
+class) averaged 1:1 like the authors' 0.5 Dice + 0.5 BCE; total = 1 CVR + 1 CLR + 0.2 CCL + 5 seg (settings
+``loss_cvr``, ``loss_clr``, ``loss_ccl``, ``loss_seg``). Optimiser: Adam 3e-4 with a cosine schedule (the paper:
+``optimizer``, ``lr``, ``lr_schedule``); no deep supervision (one output).
 
 Notes: ``<CASE>.txt`` per image (``training.notes``). Text encoder: the paper's CLIP ViT-B/32 text tower
-(``openclip:ViT-B-32@openai``, 18 tokens; 10 for MoNuSeg: ``nnUNet_textguided_max_tokens=10``); the default is
-the bundled MiniLM (real, offline).
+(``text_encoder`` = ``openclip:ViT-B-32@openai``, ``max_tokens`` 18; 10 for MoNuSeg).
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
-from torch.optim.lr_scheduler import _LRScheduler
 
 from ..conditioning.notes import NoteConditioner
 from ..networks.reclmis import RecLMIS, RecLMISAuxiliary
 from .base import register_network_builder, short_schedule
 from .notes import NoteGuidedTrainer, token_dim
 
-#: what the paper leaves open or where paper and code differ (README / METHODS.md), recorded in the run's plans:
+#: what the paper leaves open or where paper and code differ (README / METHODS.md), as settings:
 #: - CVR reconstructs V' (the CI output, as the code does); CLR reconstructs the frozen token states;
 #: - reconstruction MSE weighted by W (eq. 8 / 10) with W detached; CCL weights used once (the code softmaxes twice);
 #: - 3 conditioned decoder layers (the paper's text; the QaTa code config uses 4), FFN 1024, 4 heads;
@@ -47,9 +44,8 @@ from .notes import NoteGuidedTrainer, token_dim
 #:   feeds W_woi, so it is training-only (Sec. III-E keeps just the text-to-vision encoder at inference). The
 #:   authors' code lets V' attend to E' instead ("text_ci", RecLMISTrainer_authorsCI), which leaves the note no
 #:   direct path to the decoder and learns the referring task far more slowly (networks/reclmis.py).
-PAPER_OPEN_CHOICES = {"num_heads": 4, "dropout": 0.1, "reconstructor_layers": 3, "reconstructor_ffn": 1024,
-                      "image_mask_rate": 0.5, "text_mask_rate": 0.3, "temperature": 0.01, "ci_image_reads": "text"}
-LOSS_WEIGHTS = {"cvr": 1.0, "clr": 1.0, "ccl": 0.2, "seg": 5.0}
+OPEN_CHOICE_KEYS = ("num_heads", "dropout", "reconstructor_layers", "reconstructor_ffn", "image_mask_rate",
+                    "text_mask_rate", "temperature", "ci_image_reads")
 AUX_LOSSES = ("cvr", "clr", "ccl")
 
 
@@ -72,62 +68,25 @@ def build_reclmis_network(settings, backbone, plans_manager, configuration_manag
     return net
 
 
-class CosineLRScheduler(_LRScheduler):
-    """Cosine annealing from ``initial_lr`` to 0 over ``max_steps`` epochs, stepped like nnU-Net's PolyLRScheduler
-    (``step(current_epoch)``)."""
-
-    def __init__(self, optimizer, initial_lr: float, max_steps: int):
-        self.initial_lr, self.max_steps, self.ctr = initial_lr, max(int(max_steps), 1), 0
-        super().__init__(optimizer, -1)
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step, self.ctr = self.ctr, self.ctr + 1
-        lr = 0.5 * self.initial_lr * (1 + math.cos(math.pi * min(current_step, self.max_steps) / self.max_steps))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
-
-    def get_last_lr(self):
-        return self._last_lr
-
-
 class RecLMISTrainer(NoteGuidedTrainer):
     """RecLMIS: UNet + PLAM, note tokens -> CI, training-only CVR/CLR reconstructors and CCL (one note per image)."""
     textguided_method = "reclmis"
-    loss_weights: dict[str, float] = LOSS_WEIGHTS
-    #: "text": CI as the paper writes it (V' attends to the note tokens); "text_ci": as the authors' code
-    ci_image_reads = "text"
 
     paper_preset = "2d_reclmis_paper"
-    paper_encoders = {"text": "openclip:ViT-B-32@openai"}
     paper_figures = {"inference params (M)": 23.7, "training params (M)": 74.2, "inference GFLOPs": 24.1}
-    #: QaTa-COV19: 200 epochs of ~223 batches of 32 (~45 k iterations); 200 nnU-Net epochs are 50 k iterations
-    default_epochs = 200
-    initial_lr_adam = 3e-4
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # one output
-        self.initial_lr = self.initial_lr_adam
         self.weights = self.textguided["loss_weights"]
         self._components: list[dict[str, float]] = []
 
     @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders=None, dataset_json=None) -> dict:
-        weights = dict(cls.loss_weights)
-        env = cls.setting("nnUNet_textguided_loss_weights", "")
-        if env:
-            try:
-                values = [float(v) for v in env.split(",")]
-                assert len(values) == 4 and all(v >= 0 for v in values)
-            except (ValueError, AssertionError):
-                raise ValueError(f"nnUNet_textguided_loss_weights={env!r}: give four non-negative numbers "
-                                 "'CVR,CLR,CCL,SEG' (paper: 1,1,0.2,5)") from None
-            weights = dict(zip(("cvr", "clr", "ccl", "seg"), values))
-        return {"method": "reclmis", **cls.note_settings(encoders), **PAPER_OPEN_CHOICES,
-                "ci_image_reads": cls.ci_image_reads, "loss_weights": weights}
+    def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json=None) -> dict:
+        s = settings
+        weights = {"cvr": s.loss_cvr, "clr": s.loss_clr, "ccl": s.loss_ccl, "seg": s.loss_seg}
+        return {**cls.note_settings(s), **{k: getattr(s, k) for k in OPEN_CHOICE_KEYS}, "loss_weights": weights}
 
     @classmethod
     def build_training_only_modules(cls, settings: dict, network: torch.nn.Module) -> torch.nn.Module | None:
@@ -146,12 +105,13 @@ class RecLMISTrainer(NoteGuidedTrainer):
             raise RuntimeError(f"{type(self).__name__} trains on one GPU (or the CPU) for now: its training step "
                                "does not synchronise gradients across DDP processes; run without -num_gpus")
         self.training_only = self.build_training_only_modules(self.textguided, self.bare_network())
-        params = list(self.network.parameters())
         if self.training_only is not None:
             self.training_only = self.training_only.to(self.device)
-            params += list(self.training_only.parameters())
-        optimizer = torch.optim.Adam(params, lr=self.initial_lr)  # the authors' Adam has no weight decay
-        return optimizer, CosineLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return super().configure_optimizers()  # Adam 3e-4 without weight decay, cosine: the settings' defaults
+
+    def optimised_parameters(self):
+        params = list(self.network.parameters())
+        return params + (list(self.training_only.parameters()) if self.training_only is not None else [])
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # a single output
@@ -206,12 +166,12 @@ class RecLMISTrainer(NoteGuidedTrainer):
 
 class RecLMISTrainer_CI(RecLMISTrainer):
     """RecLMIS ablation: CI only — CVR, CLR and CCL switched off (loss weights 0, 0, 0, 5)."""
-    loss_weights = {"cvr": 0.0, "clr": 0.0, "ccl": 0.0, "seg": 5.0}
+    variant_settings = {"loss_cvr": 0.0, "loss_clr": 0.0, "loss_ccl": 0.0}
 
 
 class RecLMISTrainer_authorsCI(RecLMISTrainer):
     """RecLMIS with CI as in the authors' code: V' attends to E' (the note after attending to the image)."""
-    ci_image_reads = "text_ci"
+    variant_settings = {"ci_image_reads": "text_ci"}
 
 
 BASE_TRAINERS = [RecLMISTrainer, RecLMISTrainer_CI, RecLMISTrainer_authorsCI]

@@ -15,20 +15,19 @@
 Network: ``networks.tgcnet.TGCNet``. Notes: ``<CASE>.txt`` and the optional auxiliary note ``<CASE>.aux.txt``
 (the paper generates it with an LLM offline; no LLM is reachable here, so users write or generate the sidecars)
 encoded by the frozen text tower into the embedding store (``training.notes``). The frozen CLIP image tower runs
-on each patch inside forward. Encoders: ``text_encoder`` (``nnUNet_textguided_text_encoder``, default the
-bundled MiniLM) and ``image_encoder`` (``nnUNet_textguided_image_encoder``, default ``tiny-clip``: untrained, for
-CPU tests); the paper's are CLIP ViT-L/14@336's two towers (``paper_encoders``).
+on each patch inside forward. Encoders (settings ``text_encoder``, ``image_encoder``): the paper's CLIP ViT-L/14@336,
+both towers of one model; the ablations fix ``sse`` / ``text`` / ``alignment`` (``settings.TGCNetSettings``).
 
 Widths come from the configuration (choice; the paper gives only the 10.3 M total): the CNN branch takes the
 first five ``features_per_stage`` (``2d_tgcnet_paper``: 32..256), d_model = the last of them, capped at 256 (the
 Deformable-DETR width); the decoder scales CAT-Seg's ViT-L widths with d_model (at 256: hidden 128, decoder 64 /
 32, upsampling guidance 32 / 16) and keeps its appearance and text guidance projections at 128; two deformable encoder layers (Deformable-DETR
 has six): with them the paper configuration has 10.04 M trainable parameters (paper: 10.3 M; three layers
-would give 10.77 M). The CNN branch sees the patch resized to ``tgcnet_cnn_input`` (a configuration key;
-``2d_tgcnet_paper``: 768 for 224 patches) or, by default, to 768/224 x the patch rounded up to a multiple of 32.
+would give 10.77 M). The CNN branch sees the patch resized to ``cnn_input_size`` (a setting; ``2d_tgcnet_paper``:
+768 for 224 patches) or, by default, to 768/224 x the patch rounded up to a multiple of 32.
 
 Training (the paper: batch 8, lr 2e-5 QaTa / 5e-4 MosMed / 2e-4 CT, optimiser and schedule unstated): AdamW
-(CAT-Seg's) with weight decay 1e-4, lr 2e-4 (``nnUNet_textguided_lr``), nnU-Net's poly schedule and epochs; loss
+(CAT-Seg's) with weight decay 1e-4, lr 2e-4 (setting ``lr``), nnU-Net's poly schedule and epochs; loss
 nnU-Net's Dice + CE on the background-fixed logits (= Dice + BCE for one class); no deep supervision; auxiliary
 notes dropped for 10 % of the training samples (``aux_dropout``) so the primary-note-only rule is learnt.
 """
@@ -37,7 +36,6 @@ from __future__ import annotations
 import math
 
 import torch
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from ..conditioning.dense import NoteImageConditioner
 from ..conditioning.notes import NoteConditioner
@@ -49,15 +47,14 @@ from .notes import NoteGuidedTrainer, token_dim
 #: the paper's resize of QaTa's 224 x 224 images for the CNN branch (768) — the default ratio
 CNN_INPUT_RATIO = 768 / 224
 MAX_D_MODEL = 256
-FULL = {"sse": "full", "text": "date", "alignment": "vlcm"}
 
 
 def image_geometry(settings: dict) -> tuple[int, int]:
     """(embed dim E, token grid g) of the CLIP image tower's dense tokens."""
     spec = settings["image_encoder"]
     unusable = ValueError(f"image encoder {spec!r} gives no dense patch tokens; TGC-Net needs a plain CLIP ViT image "
-                          "tower: set nnUNet_textguided_image_encoder to e.g. 'openclip:ViT-L-14-336@openai', "
-                          "'openclip:local-dir:<dir>' or 'tiny-clip'")
+                          "tower: set image_encoder (nnunet-textguided add-config ... --set image_encoder=SPEC) to "
+                          "e.g. 'openclip:ViT-L-14-336@openai', 'openclip:local-dir:<dir>' or 'tiny-clip'")
     if torch.get_default_device().type == "meta":  # counting: no encoder is loaded
         rec = settings["encoders"][spec]
         if not rec.get("patch_size"):
@@ -89,33 +86,27 @@ def build_tgcnet_network(settings, backbone, plans_manager, configuration_manage
 class TGCNetTrainer(NoteGuidedTrainer):
     """TGC-Net: frozen CLIP ViT + CNN (SSE), note + auxiliary note (DATE), VLCM, cost-aggregating decoder."""
     textguided_method = "tgcnet"
-    aux_notes = True
-    max_tokens = 77  # CLIP's context: the paper encodes whole notes (RecLMIS's 18 is its code's crop)
-    image_encoder = "tiny-clip"
-    variant: dict[str, str] = FULL
-    aux_dropout = 0.1
-    msda_layers = 2
     configuration_hint = "2d, 2d_tiny, 2d_tgcnet_paper"
 
     paper_preset = "2d_tgcnet_paper"
-    paper_encoders = {"text": "openclip:ViT-L-14-336@openai", "image": "openclip:ViT-L-14-336@openai"}
     paper_figures = {"trainable params (M)": 10.3}
-    initial_lr_adamw = 2e-4
-    weight_decay_adamw = 1e-4
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # one output
-        self.initial_lr = float(self.setting("nnUNet_textguided_lr", str(self.initial_lr_adamw)))
-        self.weight_decay = self.weight_decay_adamw
 
     @classmethod
-    def settings_for(cls, plans_manager, configuration_manager, encoders=None, dataset_json=None) -> dict:
-        s = cls.note_settings(encoders)
+    def reads_aux_notes(cls, settings) -> bool:
+        return settings.text != "main"
+
+    @classmethod
+    def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json=None) -> dict:
+        st = settings
+        s = cls.note_settings(st)
         image = None
-        if cls.variant["sse"] != "cnn":  # CNN-only: no image tower is loaded, run or required at prediction
-            image = (encoders or {}).get("image") or cls.setting("nnUNet_textguided_image_encoder", cls.image_encoder)
+        if st.sse != "cnn":  # CNN-only: no image tower is loaded, run or required at prediction
+            image = st.image_encoder
             if image in s["encoders"]:
                 s["encoder_use"][image] = {"role": "case notes + image tokens", "towers": ["text", "image"]}
             else:
@@ -127,19 +118,16 @@ class TGCNetTrainer(NoteGuidedTrainer):
                              f"features_per_stage {features}. Train 2d (nnU-Net's), or add a preset: "
                              "nnunet-textguided add-config -d <ID> 2d_tgcnet_paper (or 2d_tiny)")
         patch = list(configuration_manager.patch_size)
-        cnn_input = configuration_manager.configuration.get("tgcnet_cnn_input") or \
-            [32 * math.ceil(p * CNN_INPUT_RATIO / 32) for p in patch]
+        cnn_input = st.cnn_input_size or [32 * math.ceil(p * CNN_INPUT_RATIO / 32) for p in patch]
         widths = {"cnn_features": features[:5], "d_model": min(features[4], MAX_D_MODEL),
-                  "msda_layers": cls.msda_layers}
-        return {"method": "tgcnet", **s, "image_encoder": image, "variant": dict(cls.variant),
-                "aux_dropout": cls.aux_dropout, "cnn_input": [int(c) for c in cnn_input], "widths": widths,
+                  "msda_layers": st.msda_layers}
+        # a variant reading no auxiliary note drops none; aux-only must not drop the only note it reads
+        aux_dropout = st.aux_dropout if st.text == "date" else 0.0
+        return {**s, "image_encoder": image, "variant": {"sse": st.sse, "text": st.text, "alignment": st.alignment},
+                "aux_dropout": aux_dropout, "cnn_input": [int(c) for c in cnn_input], "widths": widths,
                 "render_window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration))}
 
     # -- nnU-Net hooks ------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # a single output
 
@@ -168,12 +156,7 @@ class TGCNetTrainer(NoteGuidedTrainer):
 
 
 def _variant(name: str, doc: str, **changes) -> type:
-    attrs = {"variant": {**FULL, **changes}, "__doc__": doc, "__module__": __name__}
-    if changes.get("text") == "main":  # reads no auxiliary notes at all (store, prediction)
-        attrs.update(aux_notes=False, aux_dropout=0.0)
-    if changes.get("text") == "aux":  # dropping them would train on the primary note
-        attrs["aux_dropout"] = 0.0
-    return type(name, (TGCNetTrainer,), attrs)
+    return type(name, (TGCNetTrainer,), {"variant_settings": changes, "__doc__": doc, "__module__": __name__})
 
 
 VARIANTS = [

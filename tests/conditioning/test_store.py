@@ -49,10 +49,8 @@ def offline_trainer(phantom_dataset, tmp_path, monkeypatch):
     from conftest import PHANTOM_ID
     from nnunet_textguided.conditioning.extract import build_trainer
 
-    def make(**env):
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        tr = build_trainer(str(PHANTOM_ID), "3d_tiny", "BiCLIPTrainer_offline")
+    def make(**settings):
+        tr = build_trainer(str(PHANTOM_ID), "3d_tiny", "BiCLIPTrainer_offline", settings=settings)
         if not (tmp_path / "pre").exists():
             shutil.copytree(tr.preprocessed_dataset_folder, tmp_path / "pre",
                             ignore=shutil.ignore_patterns("textguided"))
@@ -98,7 +96,7 @@ def test_extraction_skips_current_and_recomputes_stale(offline_trainer, encoder_
     # another encoder spec -> a new store for that stream; the old one stays intact and is not reused
     store_root = Path(folder) / "textguided"
     before = {p.name for p in store_root.iterdir()}
-    tr2 = offline_trainer(nnUNet_textguided_caption_encoder="tiny-coca?seed=1")
+    tr2 = offline_trainer(caption_encoder="tiny-coca?seed=1")
     assert tr2.extract(progress=False) == {"computed": len(cases), "skipped": len(cases)}
     assert {n for n, _ in encoder_calls} == {"caption"}
     after = {p.name for p in store_root.iterdir()}

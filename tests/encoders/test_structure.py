@@ -59,7 +59,7 @@ def real_flops(fn) -> int:
 
 
 def test_vit_b32_matches_open_clip():
-    enc = load_encoder("openclip:ViT-B-32")  # no tag: random init, offline
+    enc = load_encoder("openclip:ViT-B-32?random=1")  # no tag: random init on purpose, offline
     st = encoder_structure("openclip:ViT-B-32@laion2b_s34b_b79k")  # the tag only names weights
     assert st.num_parameters() == numel(enc.model)
     assert st.num_parameters(["image"]) == numel(enc.model.visual)

@@ -13,13 +13,14 @@ from nnunet_textguided.conditioning.slices import get_encoder
 from nnunet_textguided.encoders.structure import encoder_structure
 from nnunet_textguided.evaluation.params import count, count_plans, main
 from nnunet_textguided.networks.blocks import SliceEmbeddingAdapter
+from nnunet_textguided.settings import BiCLIPSettings, CDPDNetSettings, MPTPNSettings, TGCNetSettings
 from nnunet_textguided.training import trainer_classes
 from nnunet_textguided.training.biclip import (BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2,
                                                BiCLIPTrainer_Net4, nnFormerTrainer)
 
 #: TGC-Net's text / alignment ablations only drop modules inside one network: its two image-path variants stand
 #: for them (one without a CNN branch, one without any image tower)
-BASE_TRAINERS = [t for t in trainer_classes() if t.short_epochs is None and (
+BASE_TRAINERS = [t for t in trainer_classes() if t.schedule_of is None and (
     not t.__name__.startswith("TGCNetTrainer_") or t.__name__ in ("TGCNetTrainer_noSSE", "TGCNetTrainer_CNNonly"))]
 
 
@@ -30,10 +31,10 @@ def numel(module) -> int:
 @pytest.mark.parametrize("trainer", BASE_TRAINERS, ids=lambda t: t.__name__)
 def test_tiny_counts_match_the_network_nnunet_trains(trainer):
     report = count(trainer, "tiny")
-    plans, name, dataset_json, _ = count_plans(trainer, "tiny")
+    plans, name, dataset_json = count_plans(trainer, "tiny")
     pm = PlansManager(plans)
     cm = pm.get_configuration(name)
-    cm.configuration["textguided"] = trainer.settings_for(pm, cm, dataset_json=dataset_json)
+    cm.configuration["textguided"] = trainer.textguided_block(pm, cm, None, dataset_json)
     heads = pm.get_label_manager(dataset_json).num_segmentation_heads
     net = trainer.build_network_architecture(pm, cm, 1, heads, False)  # what nnUNetv2_train builds
     extra = trainer.build_training_only_modules(cm.configuration["textguided"], net)  # optimised beside it
@@ -64,7 +65,8 @@ def test_paper_configuration_is_built_on_meta_with_real_size_encoders():
     reports = {t: count(t, "paper") for t in (BiCLIPTrainer_Net1, BiCLIPTrainer_Net2, BiCLIPTrainer_Net4)}
     full = reports[BiCLIPTrainer_Net4]
     assert full.patch_size == [64, 128, 128] and full.num_classes == 14
-    coca, pmc = BiCLIPTrainer.paper_encoders["caption"], BiCLIPTrainer.paper_encoders["image"]
+    paper = BiCLIPSettings()  # the paper's encoders are the schema's defaults
+    coca, pmc = paper.caption_encoder, paper.image_encoder
     assert full.encoders[coca]["params"] == 638_450_177  # open_clip coca_ViT-L-14, all towers
     assert full.encoders[pmc]["params"] == 37_792_352  # PMC-CLIP ModifiedResNet-50, 768-d
     # 64 slices per patch through each encoder; CoCa captions cost at least 64 image-tower forwards
@@ -89,8 +91,8 @@ def test_nnformer_paper_configurations(preset, params):
 def test_paper_network_is_never_allocated():
     """The paper-size build stays on the meta device (no memory, no weights needed)."""
     from nnunet_textguided.evaluation.params import build_for_counting, count_plans
-    plans, name, dj, enc = count_plans(BiCLIPTrainer, "paper")
-    net, *_ = build_for_counting(BiCLIPTrainer, plans, name, dj, enc)
+    plans, name, dj = count_plans(BiCLIPTrainer, "paper")
+    net, *_ = build_for_counting(BiCLIPTrainer, plans, name, dj)
     assert all(p.device.type == "meta" for p in net.parameters())
 
 
@@ -119,7 +121,7 @@ def test_cdpdnet_paper_configuration_on_meta():
     from nnunet_textguided.training.cdpdnet import CDPDNetTrainer, CDPDNetTrainer_Baseline
     r = count(CDPDNetTrainer, "paper")
     assert r.patch_size == [96, 96, 96] and r.num_classes == 32
-    text, dino = CDPDNetTrainer.paper_encoders["text"], CDPDNetTrainer.paper_encoders["dino"]
+    text, dino = CDPDNetSettings().text_encoder, CDPDNetSettings().dino_encoder
     assert r.encoders[dino]["params"] == 86_580_480  # facebook/dinov2-base
     assert r.encoders[text]["params"] == 63_428_096 and not r.encoders[text]["at_inference"]  # CLIP text tower
     # 96 slices of one patch at 98 px (7 x 7 tokens) through DINOv2-base
@@ -133,7 +135,8 @@ def test_tgcnet_paper_configuration_on_meta():
     """TGC-Net at 224^2 (CNN branch 768^2) with CLIP ViT-L/14@336's two towers, one spec for both roles."""
     from nnunet_textguided.training.tgcnet import TGCNetTrainer, TGCNetTrainer_noSSE
     r = count(TGCNetTrainer, "paper")
-    clip = TGCNetTrainer.paper_encoders["image"]
+    clip = TGCNetSettings().image_encoder
+    assert TGCNetSettings().text_encoder == clip  # one CLIP model's two towers
     assert list(r.encoders) == [clip] and r.encoders[clip]["roles"] == ["case notes + image tokens"]
     assert 427e6 < r.encoders[clip]["params"] < 429e6  # both towers of ViT-L/14@336
     assert 370 < r.encoders[clip]["gflops_per_forward"] < 400  # one 336^2 image per patch; notes once per case
@@ -145,7 +148,7 @@ def test_mptpn_paper_configuration_on_meta():
     """MPTPN at 2d_mptpn_paper (224^2, C = 64) with the paper's BERT-base token states (the paper gives no count)."""
     from nnunet_textguided.training.mptpn import MPTPNTrainer, MPTPNTrainer_noMSFF
     r = count(MPTPNTrainer, "paper")
-    bert = MPTPNTrainer.paper_encoders["text"]
+    bert = MPTPNSettings().text_encoder
     assert r.patch_size == [224, 224] and list(r.encoders) == [bert]
     assert r.trainable == 15_774_339 and r.training_only == 0  # networks/test_mptpn.py derives it module by module
     assert r.encoders[bert]["params"] == 109_482_240 and r.inference == r.trainable + 109_482_240

@@ -13,8 +13,8 @@ from nnunet_textguided.training.biclip import BiCLIPTrainer, BiCLIPTrainer_Net2,
 @pytest.mark.parametrize("preset, grid, channels, slices", [("3d_nnformer_synapse", (4, 4, 4), 1536, 64),
                                                             ("3d_nnformer_acdc", (3, 5, 5), 768, 14)])
 def test_paper_shapes(preset, grid, channels, slices):
-    plans, name, dj, enc = count_plans(BiCLIPTrainer, "paper", preset=preset)
-    net, structures, cm, lm, n_in = build_for_counting(BiCLIPTrainer, plans, name, dj, enc)
+    plans, name, dj = count_plans(BiCLIPTrainer, "paper", preset=preset)
+    net, structures, cm, lm, n_in = build_for_counting(BiCLIPTrainer, plans, name, dj)
     assert tuple(net.backbone.grids[-1]) == grid and net.backbone.channels[-1] == channels
     emb = torch.empty(2, slices, 768, device="meta")
     assert net.adapters["image"](emb).shape == (2, grid[0], channels)  # Conv1d: crop slices -> bottleneck depth
@@ -30,7 +30,7 @@ def tiny_network(trainer=BiCLIPTrainer):
     plans, name = preset_plans("3d_nnformer_tiny", {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
     pm = PlansManager(plans)
     cm = pm.get_configuration(name)
-    cm.configuration["textguided"] = trainer.settings_for(pm, cm)
+    cm.configuration["textguided"] = trainer.textguided_block(pm, cm)
     torch.manual_seed(0)
     return trainer.build_network_architecture(pm, cm, 1, 4, True), cm
 

@@ -63,9 +63,18 @@ def private_dataset(source_raw: Path, tmp_path: Path, monkeypatch) -> tuple[Path
     return raw, pre
 
 
+def configure(dataset_id, configuration: str, method: str, **values) -> None:
+    """``nnunet-textguided add-config -d ID CONFIGURATION --method METHOD --set KEY=VALUE ... --force`` (in this
+    process) on the current $nnUNet_preprocessed: the way a user changes a configuration's settings."""
+    from nnunet_textguided.cli import main
+    items = [f"{k}={v}" for k, v in values.items()]
+    assert main(["add-config", "-d", str(dataset_id), configuration, "--method", method, "--set", *items,
+                 "--force"]) == 0
+
+
 def build_model_folder(dataset_id, configuration: str, trainer_name: str) -> Path:
     """nnU-Net's model folder of ``trainer_name`` (in $nnUNet_results, plans nnUNetPlans) from an initialised,
-    untrained trainer: what prediction and ``nnUNetv2_train --c`` read. Encoders follow the current environment."""
+    untrained trainer: what prediction and ``nnUNetv2_train --c`` read. Settings come from the configuration."""
     from batchgenerators.utilities.file_and_folder_operations import save_json
 
     from nnunet_textguided.conditioning.extract import build_trainer

@@ -4,7 +4,7 @@ recomputed into the new identity's folder, the old folder stays byte-identical, 
 import json
 
 from conftest import REFERRING_ID
-from reliability_helpers import NOTE_CONFIG, NOTE_TRAINER, private_dataset, snapshot, store_root
+from reliability_helpers import NOTE_CONFIG, NOTE_TRAINER, configure, private_dataset, snapshot, store_root
 
 ARGS = ["-d", str(REFERRING_ID), "-c", NOTE_CONFIG, "-tr", NOTE_TRAINER]
 
@@ -27,7 +27,7 @@ def test_changed_encoder_weights_or_spec_recompute_every_case_and_keep_the_old_e
     _, pre = private_dataset(referring_dataset, tmp_path, monkeypatch)
     store = store_root(pre)
     spec = save_tiny_encoder("tiny-bert", tmp_path / "bert")
-    monkeypatch.setenv("nnUNet_textguided_text_encoder", spec)
+    configure(REFERRING_ID, NOTE_CONFIG, "reclmis", text_encoder=spec)
     monkeypatch.setattr(slices, "_ENCODER_CACHE", {})  # each run below loads its encoders afresh, like a new process
     assert run(capsys) == "16, already current: 0"
     assert run(capsys) == "0, already current: 16"
@@ -45,9 +45,9 @@ def test_changed_encoder_weights_or_spec_recompute_every_case_and_keep_the_old_e
     assert manifests[0]["weight_hash"] != manifests[1]["weight_hash"]
 
     # another spec: a third folder; back to the current weights: nothing to recompute
-    monkeypatch.setenv("nnUNet_textguided_text_encoder", "minilm")
+    configure(REFERRING_ID, NOTE_CONFIG, "reclmis", text_encoder="minilm")
     assert run(capsys) == "16, already current: 0"
     assert len(list(store.iterdir())) == 3
-    monkeypatch.setenv("nnUNet_textguided_text_encoder", spec)
+    configure(REFERRING_ID, NOTE_CONFIG, "reclmis", text_encoder=spec)
     assert run(capsys) == "0, already current: 16"
     assert snapshot(first) == old

@@ -8,20 +8,21 @@ import json
 
 from conftest import REFERRING_ID, run_cmd
 from reliability_helpers import (NOTE_CONFIG, NOTE_TRAINER, PREDICT_ARGS, assert_unchanged, build_model_folder,
-                                 previous_predictions, private_dataset, snapshot)
+                                 configure, previous_predictions, private_dataset, snapshot)
 
 
 def test_resuming_with_another_text_encoder_stops_and_names_the_checkpoint(referring_dataset, tmp_path, monkeypatch):
     private_dataset(referring_dataset, tmp_path, monkeypatch)
     model = build_model_folder(REFERRING_ID, NOTE_CONFIG, NOTE_TRAINER)  # trained with the bundled MiniLM
     before = snapshot(model)
+    configure(REFERRING_ID, NOTE_CONFIG, "reclmis", text_encoder="tiny-bert")  # the configuration changed since
     r = run_cmd("nnUNetv2_train", REFERRING_ID, NOTE_CONFIG, 0, "-tr", NOTE_TRAINER, "--c", "-device", "cpu",
-                check=False, timeout=300, env={"nnUNet_textguided_text_encoder": "tiny-bert"})
+                check=False, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode != 0
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     assert f"{checkpoint} was trained with encoders minilm" in out, out[-3000:]
-    assert "but this run uses tiny-bert" in out and "Use the same encoder specs" in out
+    assert "but this run uses tiny-bert" in out and "Use the same encoder settings" in out
     after = assert_unchanged(before, model)
     assert all(k.startswith("fold_0/training_log_") for k in set(after) - set(before))  # only nnU-Net's new log
 
@@ -30,7 +31,7 @@ def test_prediction_refuses_other_weights_behind_the_recorded_encoder_spec(refer
     from nnunet_textguided.encoders import save_tiny_encoder
     raw, _ = private_dataset(referring_dataset, tmp_path, monkeypatch)
     spec = save_tiny_encoder("tiny-bert", tmp_path / "bert")  # hf:<dir>, a local text encoder
-    monkeypatch.setenv("nnUNet_textguided_text_encoder", spec)
+    configure(REFERRING_ID, NOTE_CONFIG, "reclmis", text_encoder=spec)
     model = build_model_folder(REFERRING_ID, NOTE_CONFIG, NOTE_TRAINER)
     recorded = json.loads((model / "plans.json").read_text())["configurations"][NOTE_CONFIG]["textguided"]
     assert recorded["text_encoder"] == spec and recorded["encoders"][spec]["weight_hash"]
@@ -41,9 +42,9 @@ def test_prediction_refuses_other_weights_behind_the_recorded_encoder_spec(refer
     r = run_cmd("nnUNetv2_predict_textguided", "-i", raw / "imagesTs", "-o", out, *PREDICT_ARGS, check=False,
                 timeout=300)
     assert r.returncode != 0
-    assert f"encoder '{spec}' has weights" in r.stderr, r.stderr[-3000:]
-    assert "but the model was trained with" in r.stderr
-    assert "Point the spec at the weights used for training, or retrain" in r.stderr
+    assert f"encoder '{spec}' (read from {tmp_path / 'bert'}) has weights sha256 " in r.stderr, r.stderr[-3000:]
+    assert f"but the model was trained with {recorded['encoders'][spec]['weight_hash']}" in r.stderr
+    assert "another file sits behind the same name. Put the training weights there" in r.stderr
     assert snapshot(out) == before  # stopped while loading the model: nothing written
     assert_unchanged(model_before, model)
 
@@ -52,10 +53,10 @@ def test_prediction_refuses_a_checkpoint_copied_from_a_model_trained_with_anothe
                                                                                          monkeypatch):
     import shutil
     raw, _ = private_dataset(referring_dataset, tmp_path, monkeypatch)
-    monkeypatch.setenv("nnUNet_textguided_text_encoder", "tiny-bert")
+    configure(REFERRING_ID, NOTE_CONFIG, "reclmis", text_encoder="tiny-bert")
     other = tmp_path / "other_model"
     shutil.copytree(build_model_folder(REFERRING_ID, NOTE_CONFIG, NOTE_TRAINER), other)  # trained with tiny-bert
-    monkeypatch.delenv("nnUNet_textguided_text_encoder")
+    configure(REFERRING_ID, NOTE_CONFIG, "reclmis", text_encoder="minilm")
     model = build_model_folder(REFERRING_ID, NOTE_CONFIG, NOTE_TRAINER)  # the same folder, now with MiniLM
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     shutil.copy2(other / "fold_0" / "checkpoint_final.pth", checkpoint)  # a user copies the wrong file in

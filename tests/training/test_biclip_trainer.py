@@ -98,8 +98,9 @@ def test_nnformer_schedule_and_deep_supervision(preset, weights, monkeypatch):
     plans["continue_training"] = False  # set by nnUNetv2_train's run_training
     tr = nnFormerTrainer(plans, name, 0, dataset_json, device=torch.device("cpu"))
     assert tr.num_epochs == 500
-    monkeypatch.setenv("nnUNet_textguided_epochs", "120")
-    plans["continue_training"] = False  # nnU-Net's trainer consumes the flag
+    plans, name = preset_plans(preset, {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+    plans["configurations"][name]["textguided"]["biclip"]["epochs"] = 120  # add-config --set epochs=120
+    plans["continue_training"] = False
     assert nnFormerTrainer(plans, name, 0, dataset_json, device=torch.device("cpu")).num_epochs == 120
     assert tr.enable_deep_supervision == (weights is not None)
     loss = tr._build_loss()
@@ -114,7 +115,7 @@ class PickledObject:
 
 
 def test_nnformer_checkpoint_initialises_backbone_and_fused_layers(tmp_path, monkeypatch):
-    """nnUNet_textguided_nnformer_weights: an nnFormer checkpoint (authors' key names, 'module.' prefix) loads
+    """Setting nnformer_weights: an nnFormer checkpoint (authors' key names, 'module.' prefix) loads
     into the backbone, the report lists what did not load, and the fused layers restart from the loaded layer."""
     from nnunet_textguided.presets import preset_plans
     from nnunet_textguided.training.biclip import BiCLIPTrainer
@@ -138,7 +139,6 @@ def test_nnformer_checkpoint_initialises_backbone_and_fused_layers(tmp_path, mon
     # a file pickling other objects is refused (weights_only) unless the user declares it trusted
     from nnunet_textguided.io import UnsafeCheckpointError
     torch.save({"state_dict": theirs, "trainer": PickledObject()}, tmp_path / "pickled.model")
-    with pytest.raises(UnsafeCheckpointError, match="could run code .*nnUNet_textguided_nnformer_weights_trusted=1"):
+    with pytest.raises(UnsafeCheckpointError, match="could run code .*nnformer_weights_trusted=true"):
         tr.load_nnformer_weights(str(tmp_path / "pickled.model"))
-    monkeypatch.setenv("nnUNet_textguided_nnformer_weights_trusted", "1")
-    assert tr.load_nnformer_weights(str(tmp_path / "pickled.model"))["matched"] == report["matched"]
+    assert tr.load_nnformer_weights(str(tmp_path / "pickled.model"), trusted=True)["matched"] == report["matched"]

@@ -2,7 +2,6 @@
 generated image-caption folder (32 x 32 RGB, so the 64 x 64 one-channel 2d_tiny network needs both adaptations):
 the stage-1 tensors really initialise the PPE (and nothing else), a train step then changes the network and
 never the frozen text encoder, and a missing or mismatched stage 1 stops with the fix."""
-import os
 import shutil
 
 import pytest
@@ -14,7 +13,7 @@ from nnunet_textguided.conditioning.slices import get_encoder
 from nnunet_textguided.data.captions import write_caption_folder
 from nnunet_textguided.losses.mptpn import WeightedBCEDiceLoss
 from nnunet_textguided.networks.mptpn import adapt_ppe_state
-from nnunet_textguided.training.mptpn import PPE_ENV, StageOneError
+from nnunet_textguided.training.mptpn import StageOneError
 from nnunet_textguided.training.ppe_pretrain import load_ppe_checkpoint, pretrain_ppe
 
 TRAINER = "MPTPNTrainer_2epochs"
@@ -30,22 +29,19 @@ def stage1(tmp_path_factory):
     return root / "ppe.pth"
 
 
-def _initialised(name: str, ppe=None, seed: int = 0):
-    """A trainer from ``build_trainer`` (``nnUNet_textguided_ppe`` = ppe while it is built and initialised), its
-    network initialised from ``seed``."""
+def _built(name: str, ppe=None):
+    """A trainer from ``build_trainer`` with the configuration's setting ``ppe_weights`` = ppe (if given)."""
     from conftest import REFERRING_ID
-    old = os.environ.pop(PPE_ENV, None)
-    try:
-        if ppe is not None:
-            os.environ[PPE_ENV] = str(ppe)
-        tr = build_trainer(str(REFERRING_ID), "2d_tiny", name, for_extraction=False)
-        torch.manual_seed(seed)
-        tr.initialize()
-        return tr
-    finally:
-        os.environ.pop(PPE_ENV, None)
-        if old is not None:
-            os.environ[PPE_ENV] = old
+    return build_trainer(str(REFERRING_ID), "2d_tiny", name, for_extraction=False,
+                         settings={"ppe_weights": str(ppe)} if ppe is not None else None)
+
+
+def _initialised(name: str, ppe=None, seed: int = 0):
+    """``_built``, its network initialised from ``seed``."""
+    tr = _built(name, ppe)
+    torch.manual_seed(seed)
+    tr.initialize()
+    return tr
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +147,6 @@ def test_the_no_pretrain_ablation_needs_no_stage1_and_a_missing_file_is_named_be
 
 
 def test_resuming_needs_no_stage1_file_and_ignores_another_one(trainer, stage1, tmp_path):
-    from conftest import REFERRING_ID
     ck = tmp_path / "checkpoint_latest.pth"
     trainer.save_checkpoint(str(ck))
     saved = {k: v.clone() for k, v in trainer.network.state_dict().items()}
@@ -159,27 +154,17 @@ def test_resuming_needs_no_stage1_file_and_ignores_another_one(trainer, stage1, 
     shutil.move(stage1, away)
     try:
         for ppe in (None, stage1):  # unset, or naming the (now missing) file the run started from
-            old = os.environ.pop(PPE_ENV, None)
-            if ppe is not None:
-                os.environ[PPE_ENV] = str(ppe)
-            try:
-                resumed = build_trainer(str(REFERRING_ID), "2d_tiny", TRAINER, for_extraction=False)
-                torch.manual_seed(1)  # another initialisation: the weights must come from the checkpoint
-                resumed.load_checkpoint(str(ck))
-            finally:
-                os.environ.pop(PPE_ENV, None)
-                if old is not None:
-                    os.environ[PPE_ENV] = old
+            resumed = _built(TRAINER, ppe)
+            torch.manual_seed(1)  # another initialisation: the weights must come from the checkpoint
+            resumed.load_checkpoint(str(ck))
             assert resumed.textguided["stage1"] == trainer.textguided["stage1"]
             state = resumed.network.state_dict()
             assert all(torch.equal(state[k], v) for k, v in saved.items())
         other = tmp_path / "other.pth"
         other.write_bytes(away.read_bytes() + b"another file")
-        os.environ[PPE_ENV] = str(other)
-        elsewhere = build_trainer(str(REFERRING_ID), "2d_tiny", TRAINER, for_extraction=False)
+        elsewhere = _built(TRAINER, other)
         elsewhere.load_checkpoint(str(ck))
         assert elsewhere.textguided["stage1"] == trainer.textguided["stage1"]
-        assert f"{PPE_ENV}={other} is not the stage-1 checkpoint this run started from" in open(elsewhere.log_file).read()
+        assert f"ppe_weights={other} is not the stage-1 checkpoint this run started from" in open(elsewhere.log_file).read()
     finally:
-        os.environ.pop(PPE_ENV, None)
         shutil.move(away, stage1)

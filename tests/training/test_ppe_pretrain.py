@@ -168,7 +168,7 @@ def test_image_without_caption_is_refused_before_anything_is_written(tmp_path, c
     assert "caption_003.png" in str(e.value) and "caption_005" in str(e.value)
     assert not output.exists()
     rc = main([str(folder), "-o", str(output), "--size", str(SIZE), "--base-channels", str(C), "--batch-size",
-               str(BATCH), "--epochs", "1", "--device", "cpu", "--num-workers", "0", "--no-progress"])
+               str(BATCH), "--epochs", "1", "--device", "cpu", "--num-workers", "0", "--no-progress", "--text-encoder", "minilm"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("nnunet-textguided pretrain-ppe: error: ") and "caption_003.png" in err
     assert len(err.strip().splitlines()) == 1 and not output.exists()
@@ -177,7 +177,7 @@ def test_image_without_caption_is_refused_before_anything_is_written(tmp_path, c
 def test_cli_trains_and_reports_the_checkpoint(captions, tmp_path, capsys):
     output = tmp_path / "sub" / "ppe.pth"
     rc = main([str(captions), "-o", str(output), "--size", str(SIZE), "--base-channels", str(C), "--batch-size",
-               str(BATCH), "--epochs", "1", "--device", "cpu", "--num-workers", "0", "--no-progress"])
+               str(BATCH), "--epochs", "1", "--device", "cpu", "--num-workers", "0", "--no-progress", "--text-encoder", "minilm"])
     assert rc == 0 and str(output) in capsys.readouterr().out.splitlines()[-1]
     assert load_ppe_checkpoint(output)["config"]["base_lr"] == 0.05
 

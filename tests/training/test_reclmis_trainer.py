@@ -120,7 +120,7 @@ def test_resume_restores_training_only_weights_and_refuses_changed_settings(trai
     ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     ck["init_args"]["plans"]["configurations"]["2d_tiny"]["textguided"]["max_tokens"] = 10
     torch.save(ck, tmp_path / "other.pth")
-    with pytest.raises(RuntimeError, match=r"max_tokens: 10 -> 18.*nnUNet_textguided_"):
+    with pytest.raises(RuntimeError, match=r"max_tokens: 10 -> 18.*the configuration's textguided settings"):
         trainer.load_checkpoint(str(tmp_path / "other.pth"))
 
 
@@ -149,6 +149,9 @@ def test_final_validation_gives_each_case_its_own_note(trainer):
 
 def test_the_ci_only_ablation_builds_no_training_only_modules(trainer):
     from nnunet_textguided.training.reclmis import RecLMISTrainer_CI
-    settings = dict(trainer.textguided, loss_weights=dict(RecLMISTrainer_CI.loss_weights))
+    own = RecLMISTrainer_CI.own_settings()  # CI only: the three auxiliary losses' weights are 0
+    assert own == {"loss_cvr": 0.0, "loss_clr": 0.0, "loss_ccl": 0.0}
+    weights = {k: own.get(f"loss_{k}", v) for k, v in trainer.textguided["loss_weights"].items()}
+    settings = dict(trainer.textguided, loss_weights=weights)
     assert RecLMISTrainer_CI.build_training_only_modules(settings, trainer.network) is None
     assert type(trainer).build_training_only_modules(trainer.textguided, trainer.network) is not None

@@ -266,9 +266,14 @@ def test_variant_trainers_build_their_modules(trainer, name):
     cls = recursive_find_trainer_class_by_name(name)
     short = recursive_find_trainer_class_by_name(f"{name}_2epochs")
     assert cls is not None and short is not None and issubclass(short, cls)
-    assert cls.variant == variant and short.variant == variant
-    assert (short.short_epochs, short.short_iterations_per_epoch) == (2, 4)
-    settings = cls.settings_for(trainer.plans_manager, trainer.configuration_manager)
+    full = {"sse": "full", "text": "date", "alignment": "vlcm"}
+    assert {**full, **cls.own_settings()} == variant  # an ablation only changes the schema's defaults
+    assert {**full, **{k: v for k, v in short.own_settings().items() if k in full}} == variant
+    assert (short.own_settings()["epochs"], short.own_settings()["iterations_per_epoch"]) == (2, 4)
+    # the tiny preset's settings as the dataset's plans hold them (the trainer fixture's block is resolved)
+    plain = {k: v for k, v in trainer.configuration_manager.configuration.items() if k != "textguided"}
+    plain["textguided"] = {"tgcnet": {"text_encoder": "minilm", "image_encoder": "tiny-clip"}}
+    settings = cls.textguided_block(trainer.plans_manager, ConfigurationManager(plain))
     reads_aux = variant["text"] != "main"  # primary-note-only variants read no auxiliary notes at all
     uses_clip = variant["sse"] != "cnn"  # CNN-only loads no image tower
     assert settings["variant"] == variant and bool(settings.get("aux_notes")) == reads_aux
