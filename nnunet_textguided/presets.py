@@ -111,8 +111,8 @@ def add_configuration(plans_file: str | Path, preset: str, name: str | None = No
         settings.schema(method)
         given = settings.check_values(method, {**block.get(method, {}), **values}, "add-config")
         block[method] = given
-    for m, v in old_block.items():  # other methods' settings in this configuration stay
-        if m != method and m not in block:
+    for m, v in old_block.items():  # other methods' settings in this configuration stay as they are
+        if m != method:
             block[m] = v
     for m in block:
         settings.schema(m)

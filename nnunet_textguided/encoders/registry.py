@@ -45,6 +45,7 @@ spec that loads it (``openclip:local-dir:<dir>``, ``coca:local-dir:<dir>``, ``pm
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,11 +182,14 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> FrozenEncoder
         raise EncoderSpecError(f"{e}. {example}") from None
     except (OSError, RuntimeError, ValueError) as e:  # missing files, hub unreachable, bad checkpoints
         raise EncoderSpecError(f"could not load encoder spec {spec!r}: {type(e).__name__}: {e}. {example}") from e
+    if _marked_untrained(kind, arg):
+        enc.untrained = True
     return enc.freeze().to(device)
 
 
 def save_tiny_encoder(kind: str, directory) -> str:
-    """Save the tiny model ``kind`` (a tiny-* spec, options allowed) in the real on-disk format.
+    """Save the tiny model ``kind`` (a tiny-* spec, options allowed) in the real on-disk format, with a
+    ``textguided_untrained.json`` marker beside it (the real loader then flags it untrained).
 
     tiny-clip -> open_clip local-dir (``openclip:local-dir:<dir>``); tiny-coca -> ``coca:local-dir:<dir>``
     (load it with ``?generation=greedy&seq_len=8`` to caption like tiny-coca); tiny-pmcclip ->
@@ -196,7 +200,23 @@ def save_tiny_encoder(kind: str, directory) -> str:
     if KINDS.get(name) is None or KINDS[name].module != "tiny":
         raise EncoderSpecError(f"save_tiny_encoder: {kind!r} is not a tiny kind "
                                f"({', '.join(k for k, v in KINDS.items() if v.module == 'tiny')})")
-    return load_encoder(kind).save(directory)
+    spec = load_encoder(kind).save(directory)
+    _, arg, _ = parse_spec(spec)
+    folder = Path(arg.removeprefix("local-dir:"))
+    (folder if folder.is_dir() else folder.parent).joinpath(UNTRAINED_MARKER).write_text(
+        json.dumps({"saved_from": kind, "why": "random-init stand-in for tests and demos"}) + "\n")
+    return spec
+
+
+#: written beside a saved tiny model: a stand-in in a real format still loads as untrained
+UNTRAINED_MARKER = "textguided_untrained.json"
+
+
+def _marked_untrained(kind: str, arg: str) -> bool:
+    if KINDS[kind].module in ("tiny", "minilm") or arg.startswith("hf-hub:"):
+        return False
+    p = Path(arg.removeprefix("local-dir:").rpartition("@")[2] if KINDS[kind].module == "openclip" else arg)
+    return (p if p.is_dir() else p.parent).joinpath(UNTRAINED_MARKER).is_file()
 
 
 # -- locations -----------------------------------------------------------------------------------------------
@@ -288,25 +308,25 @@ def _hub_offline() -> bool:
 
 
 def _unreachable(address: str) -> str | None:
-    """Why the server of URL ``address`` cannot be reached (None: it answered a TCP connection within
-    HUB_PROBE_TIMEOUT_S)."""
-    import socket
+    """Why the server of URL ``address`` gives no HTTP answer within HUB_PROBE_TIMEOUT_S (None: it answered, with
+    any status). A TCP connection alone proves nothing: proxies accept connections they cannot serve."""
     import threading
-    from urllib.parse import urlparse
-    url = urlparse(address)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    import urllib.error
+    import urllib.request
     result: list = []
 
     def probe():
         try:
-            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            urllib.request.urlopen(urllib.request.Request(address, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
             result.append(None)
-        except OSError as e:
-            result.append(f"{type(e).__name__}: {e}")
+        except urllib.error.HTTPError:
+            result.append(None)  # an answer: the server is there
+        except Exception as e:  # noqa: BLE001 - URLError, timeouts, resets: no answer
+            result.append(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
     t = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
     t.start()
     t.join(HUB_PROBE_TIMEOUT_S + 0.5)
-    return result[0] if result else f"no answer from {host}:{port} within {HUB_PROBE_TIMEOUT_S:g} s"
+    return result[0] if result else f"no answer from {address} within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
 def _hub_source(spec: str, repo: str, files: tuple[str, ...], local_hint: str) -> str:
@@ -315,7 +335,8 @@ def _hub_source(spec: str, repo: str, files: tuple[str, ...], local_hint: str) -
     if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
         return "cache"
     why = ("HF_HUB_OFFLINE=1 is set" if _hub_offline() else None) or \
-        (lambda r: f"the hub ({constants.ENDPOINT}) is unreachable ({r})" if r else None)(_unreachable(constants.ENDPOINT))
+        (lambda r: f"the hub ({constants.ENDPOINT}) is unreachable ({r})" if r else None)(
+            _unreachable(f"{constants.ENDPOINT}/api/models/{repo}"))
     if why is None:
         return "hub"
     raise EncoderUnavailableError(

@@ -80,7 +80,7 @@ def describe_model(where: dict) -> dict:
     """Everything ``info`` prints, as a dict."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from ..encoders.registry import check_available
+    from ..encoders.registry import check_available, is_untrained_spec
     from ..training.base import encoder_location
     from .params import build_for_counting, count_built, trainer_class
     trainer = trainer_class(where["trainer"])
@@ -110,7 +110,7 @@ def describe_model(where: dict) -> dict:
             available = f"missing: {e}"
         roles = [k for k in settings_schema.encoder_keys(method) if values.get(k) == spec]
         encoders.append({"spec": spec, "settings": roles, "weight_hash": rec.get("weight_hash"),
-                         "embed_dim": rec.get("embed_dim"), "untrained": rec.get("untrained"),
+                         "embed_dim": rec.get("embed_dim"), "untrained": rec.get("untrained", is_untrained_spec(spec)),
                          "location": encoder_location(spec), "available": available})
     try:
         report = count_built(trainer, *build_for_counting(trainer, where["plans"], where["configuration"],
@@ -166,8 +166,7 @@ def format_info(d: dict) -> str:
         ok = "available" if e["available"] in ("local", "cache", "hub") else e["available"]
         lines.append(f"  {e['spec']}  ({', '.join(e['settings']) or 'derived'})")
         lines.append(f"      weights sha256 {e['weight_hash'] or '(recorded at training start)'}, embed dim "
-                     f"{e['embed_dim'] or '?'}, {'UNTRAINED' if e['untrained'] else 'trained'}"
-                     if e["untrained"] is not None else "      (identity recorded at training start)")
+                     f"{e['embed_dim'] or '?'}, {'UNTRAINED (random init)' if e['untrained'] else 'trained'}")
         lines.append(f"      here: {e['location']}; {ok}")
     p = d["parameters"]
     lines += [""]

@@ -160,9 +160,16 @@ class TextGuidedTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         settings_schema.check_environment("nnUNetv2_train")
+        # everything is checked before nnU-Net's __init__ creates the output folder: a run that cannot start
+        # leaves no trace
+        pm = PlansManager(plans)
+        cm = pm.get_configuration(configuration)
         where = (f"configuration '{configuration}' of {plans.get('dataset_name', 'the dataset')}'s "
                  f"{plans.get('plans_name', 'nnUNetPlans')}.json")
-        s = self.resolve_settings(PlansManager(plans).get_configuration(configuration).configuration, where)
+        s = self.resolve_settings(cm.configuration, where)
+        self.check_configuration(cm, configuration)
+        block = self.textguided_block(pm, cm, s, dataset_json)
+        self.check_weights_available(s, block, cm, pm.dataset_name, configuration)
         if s.seed is not None:  # reproducible runs: weights, patch sampling and augmentation (with nnUNet_n_proc_DA=0)
             import random
             import numpy as np
@@ -177,9 +184,6 @@ class TextGuidedTrainer(nnUNetTrainer):
         self.initial_lr, self.weight_decay = s.lr, s.weight_decay
         # a configuration may switch deep supervision off (nnFormer's ACDC setting)
         self.enable_deep_supervision = bool(self.configuration_manager.configuration.get("deep_supervision", True))
-        self.check_configuration(self.configuration_manager, configuration)
-        block = self.textguided_block(self.plans_manager, self.configuration_manager, s, self.dataset_json)
-        self.check_weights_available(block, configuration)
         # the same dict in both places: the plans (saved as the run's plans.json and, through my_init_kwargs,
         # inside every checkpoint) and the resolved configuration the network is built from
         self.plans_manager.plans["configurations"][configuration]["textguided"] = block
@@ -207,21 +211,22 @@ class TextGuidedTrainer(nnUNetTrainer):
         derived = cls.settings_for(plans_manager, configuration_manager, s, dataset_json)
         return {"method": cls.textguided_method, "settings": settings_schema.as_dict(s), **derived}
 
-    def check_weights_available(self, block: dict, configuration: str) -> None:
+    @classmethod
+    def check_weights_available(cls, settings, block: dict, configuration_manager, dataset: str,
+                                configuration: str) -> None:
         """Every encoder's weights are here (a file, a folder, the hub cache or a reachable hub), checked in well
-        under a second before anything is built: else one message naming the setting, what is missing, where to
-        get it and where to put it."""
-        s = self.settings
+        under a second before anything is built or written: else one message naming the setting, what is
+        missing, where to get it and where to put it."""
         for spec in block.get("encoders", {}):
             try:
                 check_available(spec)
             except EncoderUnavailableError as e:
-                names = [k for k in settings_schema.encoder_keys(self.textguided_method) if getattr(s, k) == spec]
+                names = [k for k in settings_schema.encoder_keys(cls.textguided_method) if getattr(settings, k) == spec]
                 key = names[0] if names else "the encoder"
                 raise EncoderUnavailableError(
-                    f"{type(self).__name__}, setting {key}: {e}. Or train with other weights: nnunet-textguided "
-                    f"add-config -d {self.plans_manager.dataset_name} {configuration} --name NEW_CONFIGURATION "
-                    f"--set {key}=SPEC (untrained tiny-* stand-ins only for tests)") from None
+                    f"{cls.__name__}, setting {key}: {e}. Or train with other weights: nnunet-textguided add-config "
+                    f"-d {dataset} {configuration} --name NEW_CONFIGURATION --set {key}=SPEC (untrained tiny-* "
+                    "stand-ins only for tests)") from None
 
     @classmethod
     def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json: dict | None = None) -> dict:

@@ -112,10 +112,11 @@ class BiCLIPTrainer(TextGuidedTrainer):
             loss.weight_factors = tuple(w / w.sum())
         return loss
 
-    def check_weights_available(self, block: dict, configuration: str) -> None:
-        super().check_weights_available(block, configuration)
-        weights = self.settings.nnformer_weights
-        if weights and not self.uses_nnformer:
+    @classmethod
+    def check_weights_available(cls, settings, block, configuration_manager, dataset, configuration) -> None:
+        super().check_weights_available(settings, block, configuration_manager, dataset, configuration)
+        weights = settings.nnformer_weights
+        if weights and configuration_manager.network_arch_class_name != NNFORMER_CLASS:
             raise settings_schema.SettingsError(
                 f"setting nnformer_weights={weights!r}, but configuration '{configuration}' is not an nnFormer "
                 "configuration (3d_nnformer_synapse, 3d_nnformer_acdc, 3d_nnformer_tiny)")
@@ -123,7 +124,7 @@ class BiCLIPTrainer(TextGuidedTrainer):
             raise settings_schema.SettingsError(
                 f"setting nnformer_weights: {settings_schema.resolve_path(weights)} not found. Put the nnFormer "
                 "checkpoint there (nnFormer's release: https://github.com/282857341/nnFormer), or train from scratch "
-                f"(--set nnformer_weights=none)")
+                "(--set nnformer_weights=none)")
 
     def initialize(self):
         super().initialize()

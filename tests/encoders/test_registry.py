@@ -129,7 +129,8 @@ def test_real_loaders_roundtrip(tiny, saved, offline, tiny_kind, prefix, kind):
     spec = saved[tiny_kind] + (GREEDY if kind == "coca" else "")
     assert spec.startswith(prefix)
     enc = load_encoder(spec)
-    assert enc.spec == spec and enc.kind == kind and not enc.untrained
+    assert enc.spec == spec and enc.kind == kind
+    assert enc.untrained  # saved with its stand-in marker: still reported untrained in its real format
     ref = tiny[tiny_kind]
     assert enc.weight_hash() == ref.weight_hash()
     assert (enc.embed_dim, enc.image_size, enc.token_dim) == (ref.embed_dim, ref.image_size, ref.token_dim)
@@ -266,6 +267,14 @@ def test_minilm_matches_sentence_transformers(offline):
     texts = ["a liver tumour", "kidney", "word " * 400]
     ref = st.SentenceTransformer(str(model_dir()), device="cpu").encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(load_encoder("minilm").embed_texts(texts), ref.float(), rtol=0, atol=1e-5)
+
+
+def test_weights_in_a_real_format_are_trained_unless_marked(tmp_path, offline):
+    from nnunet_textguided.encoders.registry import UNTRAINED_MARKER
+    spec = save_tiny_encoder("tiny-bert", tmp_path / "bert")
+    assert (tmp_path / "bert" / UNTRAINED_MARKER).is_file() and load_encoder(spec).untrained
+    (tmp_path / "bert" / UNTRAINED_MARKER).unlink()  # e.g. a real fine-tuned model saved with save_pretrained
+    assert not load_encoder(spec).untrained
 
 
 @pytest.mark.parametrize("spec,match", [
