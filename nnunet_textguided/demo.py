@@ -66,7 +66,11 @@ def main(argv=None) -> int:
         print("[2/7] nnU-Net planning and preprocessing (stock command)", flush=True)
         run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
              "--verify_dataset_integrity"], env, log)
-        print("[3/7] adding the 3d_tiny configuration preset", flush=True)
+        from .presets import available_presets
+        stand_ins = ", ".join(available_presets()["3d_tiny"]["textguided"]["biclip"].values())
+        print(f"[3/7] adding the 3d_tiny configuration preset: a small UNet and the untrained stand-in encoders "
+              f"{stand_ins} (a CPU demo of the pipeline, not of the method; the README's GPU section trains the "
+              "paper's encoders)", flush=True)
         run(["nnunet-textguided", "add-config", "-d", str(DATASET_ID), "3d_tiny"], env, log)
         print("[4/7] extracting per-slice embeddings into the store (paper mode)", flush=True)
         run(["nnUNetv2_extract_textguided", "-d", str(DATASET_ID), "-c", "3d_tiny"], env, log)
