@@ -348,12 +348,16 @@ def _hub_source(spec: str, repo: str, files: tuple[str, ...], local_hint: str) -
 def _root_hint() -> str:
     root = settings.weights_root()
     return (f"the weights root {settings.WEIGHTS_ROOT_VARIABLE}={root}" if root is not None else
-            f"a weights root (export {settings.WEIGHTS_ROOT_VARIABLE}=/folder/for/weights)")
+            f"a weights root (${settings.WEIGHTS_ROOT_VARIABLE}, not set yet)")
 
 
 def _missing(spec: str, what: str, where, get: str) -> EncoderUnavailableError:
+    root = settings.weights_root()
+    under = (f"relative locations are read under the weights root {settings.WEIGHTS_ROOT_VARIABLE}={root}"
+             if root is not None else f"{settings.WEIGHTS_ROOT_VARIABLE} is not set: export it as the folder "
+             "that holds your weights, like nnUNet_results")
     return EncoderUnavailableError(f"encoder {spec!r}: {what} not found at {where}. Get it from {get} and put it "
-                                   f"there ({_root_hint()}; relative locations are read under it)")
+                                   f"there ({under})")
 
 
 PMC_CLIP_RELEASE = "the PMC-CLIP release (https://github.com/WeixiongLin/PMC-CLIP, PMC-OA checkpoints)"
@@ -440,7 +444,7 @@ def _openclip_source(spec: str, kind: str, arg: str, opts: dict) -> str:
             raise EncoderUnavailableError(
                 f"encoder spec {spec!r}: pretrained {parse_spec(spec)[1].partition('@')[2]!r} is neither a tag of "
                 f"{name} ({', '.join(tags) or 'none'}) nor an existing weights file ({tag}). Get it from the "
-                f"model's release and put it there ({_root_hint()}; relative locations are read under it)")
+                f"model's release and put it there (relative locations are read under {_root_hint()})")
         return "local"
     cfg = open_clip.get_pretrained_cfg(name.replace("/", "-"), tag)
     hub = cfg.get("hf_hub", "")
