@@ -136,11 +136,6 @@ def add_configuration(plans_file: str | Path, preset: str, name: str | None = No
     return {"configuration": name, "method": method, "changed": changed, "block": block}
 
 
-def add_configurations(plans_file: str | Path, names: list[str], force: bool = False) -> list[str]:
-    """Add the named presets to a plans file under their own names. Returns the names added or updated."""
-    return [n for n in names if add_configuration(plans_file, n, force=force)["changed"]]
-
-
 def reference_plans(spacing: list[float], modality: str = "CT", name: str = "Dataset000_Reference") -> dict:
     """nnU-Net plans for a dataset that is only described (spacing, modality), not on disk.
 
