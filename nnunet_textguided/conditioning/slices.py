@@ -37,13 +37,15 @@ def get_encoder(spec: str, device: torch.device | str | None = "cpu") -> FrozenE
     return enc if device is None else enc.to(device)
 
 
-def window_from_plans(plans: dict, configuration: dict) -> tuple[float, float]:
-    """Rendering window in normalised units for channel 0."""
+def window_from_plans(plans: dict, configuration: dict,
+                      window_hu: tuple[float, float] = CT_WINDOW_HU) -> tuple[float, float]:
+    """Rendering window in normalised units for channel 0: ``window_hu`` through nnU-Net's CT normalisation of
+    the plans (CT), or DEFAULT_WINDOW z-score units (other modalities)."""
     scheme = configuration.get("normalization_schemes", ["ZScoreNormalization"])[0]
     if scheme == "CTNormalization":
         props = plans["foreground_intensity_properties_per_channel"]["0"]
         mean, std = float(props["mean"]), float(props["std"])
-        return tuple((hu - mean) / max(std, 1e-8) for hu in CT_WINDOW_HU)
+        return tuple((float(hu) - mean) / max(std, 1e-8) for hu in window_hu)
     return DEFAULT_WINDOW
 
 
@@ -69,9 +71,15 @@ def render_slices(slices: torch.Tensor, window: tuple[float, float]) -> torch.Te
     return unit_window(slices, window)[:, None].expand(-1, 3, -1, -1)
 
 
+#: frozen-encoder calls of this process through ``embed_slices`` ({stream name: slices embedded}): what
+#: nnUNetv2_predict_textguided reports, and what tests read to see that a stored table costs no encoder call
+ENCODER_CALLS: dict[str, int] = {}
+
+
 def embed_slices(slices: torch.Tensor, stream: SliceStream, window: tuple[float, float],
                  batch_size: int = 64) -> torch.Tensor:
     """(N, H, W) -> (N, E) with the stream's frozen encoder."""
+    ENCODER_CALLS[stream.name] = ENCODER_CALLS.get(stream.name, 0) + slices.shape[0]
     enc = stream.encoder_module(slices.device)
     return getattr(enc, stream.method)(render_slices(slices, window), batch_size=batch_size).float()
 
@@ -86,6 +94,13 @@ def slice_table(volume: np.ndarray | torch.Tensor, stream: SliceStream, window: 
     v = torch.as_tensor(np.asarray(volume[0]) if not torch.is_tensor(volume) else volume[0]).to(device).float()
     slices = torch.cat((torch.zeros_like(v[:1]), v), 0)
     return embed_slices(slices, stream, window, batch_size).cpu()
+
+
+def slice_table_identity(stream: SliceStream, window, encoder_records: dict) -> dict:
+    """What a stored slice table depends on (the store folder's identity): training's store and the predictor's
+    use the same one."""
+    return {"kind": "slice_table", "stream": stream.name, "encoder": stream.encoder, "method": stream.method,
+            "window": list(window), "weight_hash": encoder_records.get(stream.encoder, {}).get("weight_hash")}
 
 
 class OnlineSliceConditioner:
@@ -113,17 +128,37 @@ class OnlineSliceConditioner:
                    for s in self.streams}
 
 
-class MissingCaseConditioningError(RuntimeError):
-    pass
+class MissingCaseConditioningError(Exception):
+    """Paper-mode network called without its positional channels or tables. Not a RuntimeError: nnU-Net's sliding
+    window takes those for out-of-memory errors and retries on the CPU."""
+
+
+class SliceTablesRequiredError(MissingCaseConditioningError):
+    """Stock nnUNetv2_predict on a paper-mode model: refused while nnU-Net builds the network."""
+
+
+def stock_predict_refusal(argv: list[str]) -> str:
+    """Why stock nnU-Net prediction cannot run a paper-mode model, and the command line that can (the user's own
+    flags under nnUNetv2_predict_textguided)."""
+    import os
+    import shlex
+    why = ("this model (BiCLIP paper mode) reads embeddings of every full slice of each case, which stock nnU-Net "
+           "prediction cannot compute; nothing was predicted. ")
+    if argv and os.path.basename(argv[0]) == "nnUNetv2_predict":
+        return why + "Run instead: " + shlex.join(["nnUNetv2_predict_textguided", *argv[1:]])
+    return why + ("Predict with nnUNetv2_predict_textguided (the flags of nnUNetv2_predict: -i -o -d -c -tr -p -f), "
+                  "or nnUNetPredictor subclass nnunet_textguided.inference.predict.TextGuidedPredictor in Python")
 
 
 class TableSliceConditioner:
     """Paper mode: per-full-slice tables, indexed by the positional channels the data carries.
 
-    The network input is (B, C + 2, D, H, W): the last two channels are (case index + 1) and (slice index + 1)
-    maps that went through nnU-Net's spatial/mirror transforms (training) or sliding window and mirroring
-    (prediction) exactly like the image. For each patch slice the median of the positive slice-map values
-    gives its source slice (0 -> outside -> the zero-slice row).
+    The network input is (B, C + 2, D, H, W): the last two channels are a validity map holding (case index + 1)
+    and the source-slice coordinate (z + 1) that went through nnU-Net's spatial/mirror transforms (training,
+    ``data.position_channels``) or sliding window and mirroring (prediction) exactly like the image. Validity is
+    0 where nnU-Net padded (outside the loaded region, the sliding window's padding). A patch slice's table row
+    is the rounded median source coordinate of its valid voxels; a row outside [1, D] (the patch slice lies
+    beyond the volume) or a slice without valid voxels takes row 0, the zero slice.
     """
 
     def __init__(self, streams: list[SliceStream], window: tuple[float, float], num_image_channels: int,
@@ -153,13 +188,17 @@ class TableSliceConditioner:
 
     @staticmethod
     def source_indices(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, 2, D, H, W) -> case index (B,) and table rows (B, D) (0 = outside)."""
-        case_map, z_map = pos[:, 0].flatten(1), pos[:, 1].flatten(2)
-        inside = case_map > 0.5
-        case = torch.stack([c[m].median() if m.any() else c.new_tensor(0.) for c, m in zip(case_map, inside)])
-        z = z_map.masked_fill(z_map <= 0.5, float("nan")).nanmedian(-1).values
+        """pos (B, 2, D, H, W) -> case index (B,) and unclipped source rows z + 1 (B, D) (0 = no valid voxel)."""
+        valid = pos[:, 0] > 0.5
+        case = pos[:, 0].flatten(1).amax(1)
+        z = pos[:, 1].masked_fill(~valid, float("nan")).flatten(2).nanmedian(-1).values
         rows = torch.nan_to_num(z, nan=0.0).round().long()
         return case.round().long() - 1, rows
+
+    @staticmethod
+    def table_rows(rows: torch.Tensor, table_length: int) -> torch.Tensor:
+        """Source rows -> rows of a (D + 1)-row table: beyond the volume -> 0 (the zero slice)."""
+        return torch.where((rows >= 1) & (rows < table_length), rows, torch.zeros_like(rows))
 
     def __call__(self, x: torch.Tensor):
         if x.shape[1] != self.num_image_channels + NUM_POSITION_CHANNELS:
@@ -169,11 +208,18 @@ class TableSliceConditioner:
                 "nnUNetv2_predict); it computes the embeddings of each input case.")
         image, pos = x[:, :self.num_image_channels], x[:, self.num_image_channels:]
         cases, rows = self.source_indices(pos.float())
+        if not self.tables:
+            raise MissingCaseConditioningError("no slice embeddings registered: the trainer registers the training "
+                                               f"cases' tables, {self.predict_command} each test case's")
+        # a patch without a single voxel of the volume (only possible under extreme augmentation) reads the zero
+        # slice everywhere: row 0 is the same in every table
+        any_case = next(iter(self.tables))
+        rows = torch.where((cases >= 0)[:, None], rows, torch.zeros_like(rows))
         out = {}
         for s in self.streams:
             try:
-                tab = [self.tables[int(c)][s.name] for c in cases]
+                tab = [self.tables[int(c) if c >= 0 else any_case][s.name] for c in cases]
             except KeyError as e:
                 raise MissingCaseConditioningError(f"no slice embeddings registered for case index {e}") from None
-            out[s.name] = torch.stack([t.to(x.device)[r.clamp(0, t.shape[0] - 1)] for t, r in zip(tab, rows)])
+            out[s.name] = torch.stack([t.to(x.device)[self.table_rows(r, t.shape[0])] for t, r in zip(tab, rows)])
         return image, out

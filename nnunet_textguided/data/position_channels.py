@@ -7,6 +7,14 @@ the loader's crop/pad reads only the patch), moved to ``regression_target`` for 
 mirror transforms move it exactly like the image, intensity transforms skip it) and appended back afterwards.
 At prediction the note-aware predictor appends them to the whole case, and the sliding window and test-time
 mirroring move them exactly like the image.
+
+Border bias, and how it is avoided: the loader pads a patch beyond the volume with 0, and the spatial transform
+interpolates (and pads its own border with 0). Interpolating a slice coordinate z + 1 with those zeros gives
+values between 0 and z + 1 — a border slice of a scaled patch would read as a slice half-way up the volume. So
+for the transforms the coordinate is first extended linearly over the whole patch (the crop is axis-aligned:
+z + 1 = k + offset on patch slice k) and sent with a validity map of ones; afterwards coordinate / validity is
+the exact interpolated source coordinate wherever validity > 0.5, and a coordinate outside [1, D] means "beyond
+the volume" (``TableSliceConditioner.table_rows``).
 """
 from __future__ import annotations
 
@@ -86,16 +94,45 @@ class PositionedDataset:
         return PositionedArray(data, self.case_indices[identifier]), seg, seg_prev, properties
 
 
+def transformable_position(pos: torch.Tensor) -> torch.Tensor:
+    """Loader-cropped (2, D, H, W) [case + 1, z + 1] maps (0 where padded) -> [validity 1, z + 1 extended linearly
+    over the patch], which interpolation and zero padding cannot bias."""
+    inside = pos[0] > 0.5
+    out = torch.zeros_like(pos)
+    if inside.any():
+        first = inside.nonzero()[0]
+        offset = pos[1][tuple(first)] - first[0]
+        k = torch.arange(pos.shape[1], dtype=pos.dtype, device=pos.device)
+        out[1] = (k + offset).reshape(-1, *(1,) * (pos.ndim - 2))
+        out[0] = 1
+    return out
+
+
+def network_position(moved: torch.Tensor, case_value: float) -> torch.Tensor:
+    """Transformed [validity, z + 1] -> the network's [case + 1 where valid else 0, source z + 1 where valid]."""
+    validity, z = moved[0], moved[1]
+    ok = validity > 0.5
+    out = torch.zeros_like(moved)
+    out[0] = ok.to(moved.dtype) * case_value
+    out[1] = torch.where(ok, z / validity.clamp_min(1e-6), torch.zeros_like(z))
+    return out
+
+
 class PositionAwareTransforms:
-    """Wraps nnU-Net's transform pipeline: the positional channels travel as regression_target."""
+    """Wraps nnU-Net's transform pipeline: the positional channels travel as regression_target (see the module
+    docstring for the border-exact form they travel in)."""
 
     def __init__(self, transforms):
         self.transforms = transforms
 
     def __call__(self, **data_dict):
         image = data_dict["image"]
+        image = image if torch.is_tensor(image) else torch.from_numpy(np.asarray(image))
+        pos = image[-NUM_POSITION_CHANNELS:].float()
+        case_value = float(pos[0].max())
         data_dict["image"] = image[:-NUM_POSITION_CHANNELS]
-        data_dict["regression_target"] = image[-NUM_POSITION_CHANNELS:]
+        data_dict["regression_target"] = transformable_position(pos)
         out = self.transforms(**data_dict)
-        out["image"] = torch.cat((out["image"], out.pop("regression_target").to(out["image"].dtype)), 0)
+        moved = network_position(out.pop("regression_target").float(), case_value)
+        out["image"] = torch.cat((out["image"], moved.to(out["image"].dtype)), 0)
         return out

@@ -39,7 +39,11 @@ class ConditionedNetwork(nn.Module):
             to(fn)
         return self
 
+    @torch.compiler.disable
     def condition(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The conditioner runs outside torch.compile (nnU-Net compiles the network on GPUs): frozen encoders and
+        caption generation are never traced, and table lookups (data-dependent indexing) do not break the graph
+        of the trainable part; the trainable part before and after it compiles as usual."""
         if self._conditioner is None:
             raise RuntimeError(f"{type(self).__name__} needs a conditioner (set_conditioner) before forward; "
                                "build it through its trainer's build_network_architecture")

@@ -5,6 +5,7 @@ The segmentation carries the truth: label z + 1 on slice z, moved by nnU-Net's s
 positional channels travel by the regression-target path; both must agree slice by slice.
 """
 import math
+import random
 
 import numpy as np
 import torch
@@ -86,3 +87,34 @@ def test_missing_position_channels_name_the_command():
         assert "nnUNetv2_predict_textguided" in str(e)
     else:
         raise AssertionError("expected an error")
+
+
+def test_border_slices_of_scaled_and_rotated_3d_patches_are_not_biased():
+    """3D augmentation (rotation, scaling along z) of patches reaching beyond the volume: each patch slice's row
+    must be what the same transform gives when the volume continues (the volume embedded in a taller one), i.e.
+    interpolation with the loader's zero padding must not pull a border slice's coordinate towards 0."""
+    patch, initial, offset = (12, 24, 24), (20, 40, 40), 15
+    transforms = PositionAwareTransforms(nnUNetTrainer.get_training_transforms(
+        patch, (-math.pi / 6, math.pi / 6), None, (0, 1, 2), False, use_mask_for_norm=[False],
+        foreground_labels=[1]))
+    small, tall = 10, 10 + 2 * offset
+    rng = np.random.default_rng(1)
+    compared = border = 0
+    for i in range(60):
+        z0, y0, x0 = int(rng.integers(-12, small - 6)), int(rng.integers(0, 8)), int(rng.integers(0, 8))
+        rows = {}
+        for depth, shift in ((small, 0), (tall, offset)):
+            image = np.zeros((1, depth, 48, 48), np.float32)
+            bbox = [[z0 + shift, z0 + shift + initial[0]], [y0, y0 + initial[1]], [x0, x0 + initial[2]]]
+            data = torch.from_numpy(crop_and_pad_nd(PositionedArray(image, 0), bbox, 0)).float()
+            seg = torch.zeros((1, *initial), dtype=torch.int16)
+            torch.manual_seed(i), np.random.seed(i), random.seed(i)  # same augmentation for both
+            x = transforms(image=data, segmentation=seg)["image"][None]
+            _, r = TableSliceConditioner.source_indices(x[:, 1:])
+            rows[depth] = TableSliceConditioner.table_rows(r[0], depth + 1)
+        expected = rows[tall] - offset
+        expected = torch.where((expected >= 1) & (expected <= small), expected, torch.zeros_like(expected))
+        assert torch.equal(rows[small], expected), (i, rows[small].tolist(), expected.tolist())
+        compared += 1
+        border += bool(((expected == 0) | (expected == 1) | (expected == small)).any())
+    assert compared == 60 and border > 10
