@@ -149,7 +149,8 @@ class FrozenEncoder(nn.Module):
 
     # -- public API -----------------------------------------------------------------------------------------
     def preprocess_images(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) float in [0, 1] -> (N, 3, S, S): bilinear resize (antialias=False) + mean/std.
+        """(N, 3, H, W) float in [0, 1] -> (N, 3, S, S): bilinear resize, antialiased when shrinking (a 512² CT
+        slice read at 224² without it aliases fine structure into moiré), + mean/std.
 
         A single-channel (N, 1, H, W) input is replicated to 3 channels. Runs in float32 on the encoder's
         device; the result is cast to the encoder's dtype.
@@ -163,7 +164,8 @@ class FrozenEncoder(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         s = self.image_size
         if tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                              antialias=max(x.shape[-2:]) > s)
         x = (x - self._mean.float()) / self._std.float()
         return x.to(self.dtype)
 

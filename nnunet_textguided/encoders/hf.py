@@ -105,7 +105,8 @@ class HFEncoder(FrozenEncoder):
         with torch.no_grad():
             for i in range(0, x01.shape[0], batch_size):
                 x = x01[i:i + batch_size].to(self.device, torch.float32)
-                x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
+                x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
+                                  antialias=max(x.shape[-2:]) > side)  # antialiased when shrinking
                 if normalize:
                     x = (x - self._mean.float()) / self._std.float()
                 hs = self.model(pixel_values=x.to(self.dtype), output_hidden_states=True).hidden_states
