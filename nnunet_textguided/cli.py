@@ -35,12 +35,14 @@ import sys
 def user_error_types() -> tuple[type, ...]:
     """Exceptions that are the user's to fix (settings, missing weights, mismatched encoders, stage-1 files,
     partial labels): their message says what and how, so commands print that one line, not a traceback."""
+    from .conditioning.slices import SliceTablesRequiredError
     from .encoders.base import EncoderSpecError
     from .settings import SettingsError
     from .training.base import CheckpointError, EncoderMismatchError
     from .training.cdpdnet import PartialLabelError
     from .training.mptpn import StageOneError
-    return SettingsError, EncoderSpecError, EncoderMismatchError, CheckpointError, StageOneError, PartialLabelError
+    return (SettingsError, EncoderSpecError, EncoderMismatchError, CheckpointError, StageOneError, PartialLabelError,
+            SliceTablesRequiredError)
 
 
 def install_one_line_errors() -> None:
@@ -144,9 +146,11 @@ def cmd_add_config(args) -> int:
         for key in settings.encoder_keys(method) if method else ():
             if isinstance(values.get(key), str):
                 values[key] = portable_spec(values[key])
-        planned = add_configuration(plans_file, args.preset, args.name, method, values, args.force, dry_run=True)
+        planned = add_configuration(plans_file, args.preset, args.name, method, values, args.force, dry_run=True,
+                                    batch_size=args.batch_size)
         check_block_available(planned["block"], method)  # before anything is written
-        result = add_configuration(plans_file, args.preset, args.name, method, values, force=args.force)
+        result = add_configuration(plans_file, args.preset, args.name, method, values, force=args.force,
+                                   batch_size=args.batch_size)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:  # SettingsError, EncoderSpecError
         print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
@@ -233,6 +237,8 @@ def main(argv=None) -> int:
                    "lists comma-separated, none for an empty value")
     a.add_argument("--settings", metavar="FILE", help="settings file, JSON or YAML: {key: value} or {method: {key: "
                    "value}}; --set values win")
+    a.add_argument("--batch_size", type=int, help="nnU-Net's batch size of the configuration, replacing the preset's "
+                   "(global: nnUNetv2_train -num_gpus N splits it), e.g. 2 where the paper's 32 does not fit")
     a.add_argument("-p", default="nnUNetPlans", help="plans identifier")
     a.add_argument("--force", action="store_true", help="replace a different configuration of the same name")
     a.set_defaults(fn=cmd_add_config)

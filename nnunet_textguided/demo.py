@@ -1,7 +1,8 @@
 """`nnunet-textguided demo`: the whole pipeline on a generated CT phantom dataset, on CPU.
 
 generate data -> stock nnUNetv2_plan_and_preprocess -> add the 3d_tiny preset -> nnUNetv2_extract_textguided
--> stock nnUNetv2_train -tr <BiCLIP trainer> -> stock nnUNetv2_predict on imagesTs -> nnU-Net's evaluation
+-> stock nnUNetv2_train -tr <BiCLIP trainer> -> nnUNetv2_predict_textguided on imagesTs (stock nnUNetv2_predict for
+online or Net1 trainers) -> nnU-Net's evaluation
 -> one PNG overlay. Everything lands under --out; the nnU-Net folders are set for the child processes only.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_output", help="working folder (default ./demo_output)")
     p.add_argument("-tr", default="BiCLIPTrainer_40epochs", help="trainer (default BiCLIPTrainer_40epochs: "
-                   "BiCLIP Net4, online conditioning, tiny encoders)")
+                   "BiCLIP Net4 in the paper's offline mode, tiny encoders)")
     p.add_argument("--n-train", type=int, default=10)
     p.add_argument("--n-test", type=int, default=3)
     args = p.parse_args(argv)
@@ -58,7 +59,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = demo_env(out)
     t0 = time.time()
-    paper = "offline" in args.tr
+    from .evaluation.params import trainer_class
+    try:
+        resolved = trainer_class(args.tr).resolve_settings({})
+    except KeyError as e:
+        raise SystemExit(f"demo: {e.args[0]}")
+    paper = getattr(resolved, "mode", "") == "offline" and bool(resolved.streams)  # the store and its predictor
     with open(out / "demo.log", "w") as log:
         print(f"[1/7] generating {args.n_train}+{args.n_test} CT phantoms with notes", flush=True)
         folder = make_ct_phantom_dataset(out / "nnUNet_raw", dataset_id=DATASET_ID, n_train=args.n_train,
@@ -72,8 +78,11 @@ def main(argv=None) -> int:
               f"{stand_ins} (a CPU demo of the pipeline, not of the method; the README's GPU section trains the "
               "paper's encoders)", flush=True)
         run(["nnunet-textguided", "add-config", "-d", str(DATASET_ID), "3d_tiny"], env, log)
-        print("[4/7] extracting per-slice embeddings into the store (paper mode)", flush=True)
-        run(["nnUNetv2_extract_textguided", "-d", str(DATASET_ID), "-c", "3d_tiny"], env, log)
+        if paper:
+            print("[4/7] extracting per-slice embeddings into the store (paper mode)", flush=True)
+            run(["nnUNetv2_extract_textguided", "-d", str(DATASET_ID), "-c", "3d_tiny", "-tr", args.tr], env, log)
+        else:
+            print(f"[4/7] no store to fill: {args.tr} embeds slices online", flush=True)
         print(f"[5/7] training {args.tr} on CPU (stock nnUNetv2_train)", flush=True)
         run(["nnUNetv2_train", str(DATASET_ID), "3d_tiny", "0", "-tr", args.tr, "-device", "cpu"], env, log)
         pred = out / "predictions"

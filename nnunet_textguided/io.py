@@ -141,3 +141,27 @@ def safe_torch_load(path, map_location="cpu", what: str = "checkpoint"):
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UnsafeCheckpointError(f"{path} is not a readable {what} ({e}); it may be truncated by an interrupted "
                                     "copy: copy it again") from None
+
+
+def process_start_time() -> float | None:
+    """Wall-clock start of this process (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
+def remove_empty_folder_made_by_this_process(path: str | os.PathLike | None) -> bool:
+    """Remove ``path`` if it is an empty folder created after this process started (a command that stops before
+    writing leaves no empty output folder behind); an existing or non-empty folder is never touched."""
+    start = process_start_time()
+    if path is None or start is None or not os.path.isdir(path) or os.listdir(path):
+        return False
+    if os.stat(path).st_mtime < start - 1.0:  # 1 s: /proc start time has clock-tick resolution
+        return False
+    os.rmdir(path)
+    return True

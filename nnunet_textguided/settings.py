@@ -178,10 +178,15 @@ class BiCLIPSettings(CommonSettings):
         ("image", "caption"), "embedding streams fused at the bottleneck: image (Net2), caption (Net3), both "
         "(Net4), none (Net1: the backbone alone)", "both (Net4)", f"{BICLIP} §4.4 Ablation")
     mode: Literal["online", "offline"] = key(
-        "online", "offline: embeddings of every full slice computed once into the store; online: the slices of "
-        "each input patch embedded inside forward", "offline (\"the extraction of CLIP embeddings is performed "
-        "offline\")", f"{BICLIP} Abstract, §3.1",
-        ours="online until the paper mode is BiCLIPTrainer's default (BiCLIPTrainer_offline trains it)")
+        "offline", "offline: embeddings of every full slice computed once per case into the store (training) or "
+        "per test case (nnUNetv2_predict_textguided); online: the slices of each input patch embedded inside forward "
+        "(the *_online trainers: beyond the paper)", "offline (\"the extraction of CLIP embeddings is performed "
+        "offline\")", f"{BICLIP} Abstract, §3.1")
+    ct_window_hu: tuple[float, float] = key(
+        (-175.0, 250.0), "CT intensity window (HU) mapped to [0, 1] before a slice is replicated to 3 channels for the "
+        "encoders (CT datasets; other modalities use z-score units [-2.5, 2.5])", "silent",
+        f"{BICLIP} §3.1: \"we separate a scan to D slices along the depth dimension and replicate each slice three "
+        "times\", no intensity mapping named", ours="the abdominal window W425/L37.5, i.e. [-175, 250] HU (CDPDNet's)")
     num_attention_blocks: int = key(2, "fused global self-attention layers after the bottleneck", "2, each built "
                                     "like nnFormer's last bottleneck layer and starting from its weights",
                                     f"{BICLIP} §3.2 Feature Fusion", minimum=1)

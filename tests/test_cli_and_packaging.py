@@ -27,7 +27,7 @@ def test_env_prints_the_trainer_folder():
 
 def test_list_shows_trainers_encoders_presets():
     out = run_cmd("nnunet-textguided", "list").stdout
-    for name in ("BiCLIPTrainer_Net1", "BiCLIPTrainer_offline", "BiCLIPTrainer_Net4_2epochs", "tiny-coca", "pmcclip",
+    for name in ("BiCLIPTrainer_Net1", "BiCLIPTrainer_online", "BiCLIPTrainer_Net4_2epochs", "tiny-coca", "pmcclip",
                  "minilm", "3d_tiny", "2d_tiny"):
         assert name in out
 

@@ -1,6 +1,7 @@
 """End to end through nnU-Net's stock commands (subprocesses, CPU, 3d_tiny preset, tiny encoders)."""
 import json
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,15 @@ from conftest import PHANTOM_ID, PHANTOM_NAME, run_cmd
 
 pytestmark = pytest.mark.slow
 RESULTS = Path(os.environ["nnUNet_results"])
-# on nnU-Net's UNet (3d_tiny): the backbone alone, both streams, paper mode
-ONLINE = ["BiCLIPTrainer_Net1_2epochs", "BiCLIPTrainer_Net4_2epochs"]
-OFFLINE = "BiCLIPTrainer_offline_2epochs"
-# BiCLIP-nnFormer Net1 and Net4 on the nnFormer configuration (3d_nnformer_tiny); the single-stream Net2/Net3
-# differ from Net4 only in the streams they build (tests/networks/test_biclip_nnformer.py)
+# on nnU-Net's UNet (3d_tiny): the paper-mode ablations Net2, Net3 and Net4 (= BiCLIPTrainer); the backbone alone
+# (Net1) and Net4 in online mode (beyond the paper), which stock nnUNetv2_predict runs exactly
+PAPER = ["BiCLIPTrainer_Net2_2epochs", "BiCLIPTrainer_Net3_2epochs", "BiCLIPTrainer_Net4_2epochs"]
+OFFLINE = PAPER[-1]
+ONLINE = ["BiCLIPTrainer_Net1_2epochs", "BiCLIPTrainer_online_2epochs"]
+# BiCLIP-nnFormer Net1 and Net4 (paper mode, from pretrained nnFormer weights) on the nnFormer configuration
+# (3d_nnformer_tiny); the single-stream Net2/Net3 differ from Net4 only in the streams they build
 NNFORMER = ["nnFormerTrainer_2epochs", "BiCLIPTrainer_2epochs"]
+PRETRAINED = "3d_nnformer_tiny_pretrained"
 
 
 def model_dir(trainer: str, configuration: str = "3d_tiny") -> Path:
@@ -27,19 +31,31 @@ def model_dir(trainer: str, configuration: str = "3d_tiny") -> Path:
 
 @pytest.fixture(scope="session")
 def trained(phantom_dataset):
-    """Train every BiCLIP ablation (online) and the paper-mode trainer with stock nnUNetv2_train."""
+    """Train the paper-mode ablations and the online ones with stock nnUNetv2_train (the store filled ahead for
+    one trainer, lazily at training start for the others)."""
     run_cmd("nnUNetv2_extract_textguided", "-d", PHANTOM_ID, "-c", "3d_tiny", "-tr", OFFLINE)
-    for tr in ONLINE + [OFFLINE]:
+    for tr in PAPER + ONLINE:
         run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_tiny", 0, "-tr", tr, "-device", "cpu")
     return phantom_dataset
 
 
 @pytest.fixture(scope="session")
 def trained_nnformer(phantom_dataset):
-    """BiCLIP-nnFormer Net1 (nnFormerTrainer) to Net4, trained with stock nnUNetv2_train on 3d_nnformer_tiny."""
+    """BiCLIP-nnFormer Net1 (nnFormerTrainer) and Net4 in paper mode trained with stock nnUNetv2_train on
+    3d_nnformer_tiny, Net1 from scratch, Net4 from Net1's weights saved as an nnFormer checkpoint (the paper starts
+    from nnFormer's pretrained weights)."""
     run_cmd("nnunet-textguided", "add-config", "-d", PHANTOM_ID, "3d_nnformer_tiny")
-    for tr in NNFORMER:
-        run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_nnformer_tiny", 0, "-tr", tr, "-device", "cpu")
+    net1, net4 = NNFORMER
+    run_cmd("nnUNetv2_train", PHANTOM_ID, "3d_nnformer_tiny", 0, "-tr", net1, "-device", "cpu")
+    weights = model_dir(net1, "3d_nnformer_tiny") / "fold_0" / "checkpoint_final.pth"
+    backbone = {k.removeprefix("backbone."): v for k, v in
+                torch.load(weights, map_location="cpu", weights_only=True)["network_weights"].items()}
+    pretrained = RESULTS / "nnformer_pretrained.model"
+    torch.save({"state_dict": backbone}, pretrained)
+    run_cmd("nnunet-textguided", "add-config", "-d", PHANTOM_ID, "3d_nnformer_tiny", "--name", PRETRAINED,
+            "--set", f"nnformer_weights={pretrained}")
+    for configuration in ("3d_nnformer_tiny", PRETRAINED):
+        run_cmd("nnUNetv2_train", PHANTOM_ID, configuration, 0, "-tr", net4, "-device", "cpu")
     return phantom_dataset
 
 
@@ -52,7 +68,7 @@ def assert_valid_segmentations(pred: Path, ref: Path, n: int):
         assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("trainer", ONLINE + [OFFLINE])
+@pytest.mark.parametrize("trainer", PAPER + ONLINE)
 def test_training_outputs(trained, trainer):
     fold = model_dir(trainer) / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
@@ -80,8 +96,21 @@ def test_biclip_nnformer_trains_and_predicts_with_stock_commands(trained_nnforme
     assert any(k.startswith("backbone.encoder.") for k in keys)
     # Net1 is nnFormer alone; Net2-4 add adapters and the two fused attention layers
     assert any(k.startswith("attention.1.") for k in keys) == (trainer != "nnFormerTrainer_2epochs")
-    run_cmd("nnUNetv2_predict", "-i", trained_nnformer / "imagesTs", "-o", tmp_path, "-d", PHANTOM_ID,
+    command = "nnUNetv2_predict" if trainer == "nnFormerTrainer_2epochs" else "nnUNetv2_predict_textguided"
+    run_cmd(command, "-i", trained_nnformer / "imagesTs", "-o", tmp_path, "-d", PHANTOM_ID,
             "-c", "3d_nnformer_tiny", "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1)
+    assert_valid_segmentations(tmp_path, trained_nnformer / "labelsTs", 2)
+
+
+def test_paper_mode_nnformer_starts_from_pretrained_nnformer_weights(trained_nnformer, tmp_path):
+    folder = model_dir(NNFORMER[1], PRETRAINED)
+    log = "".join(p.read_text() for p in (folder / "fold_0").glob("training_log_*.txt"))
+    assert "nnFormer weights" in log and "missing []" in log and "shape mismatch []" in log
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["configurations"][PRETRAINED]["textguided"]["settings"]["nnformer_weights"] == str(
+        RESULTS / "nnformer_pretrained.model")
+    run_cmd("nnUNetv2_predict_textguided", "-i", trained_nnformer / "imagesTs", "-o", tmp_path, "-d", PHANTOM_ID,
+            "-c", PRETRAINED, "-f", 0, "-tr", NNFORMER[1], "-device", "cpu", "-npp", 1, "-nps", 1)
     assert_valid_segmentations(tmp_path, trained_nnformer / "labelsTs", 2)
 
 
@@ -107,29 +136,48 @@ def test_stock_predict_equals_package_predictor(trained, trainer, tmp_path):
         assert (seg_a == seg_b).all()
 
 
-def test_paper_mode_needs_the_package_predictor(trained, tmp_path):
-    r = run_cmd("nnUNetv2_predict", "-i", trained / "imagesTs", "-o", tmp_path / "stock", "-d", PHANTOM_ID,
-                "-c", "3d_tiny", "-f", 0, "-tr", OFFLINE, "-device", "cpu", "-npp", 1, "-nps", 1, check=False)
-    assert r.returncode != 0
-    assert "nnUNetv2_predict_textguided" in r.stdout + r.stderr
-    assert not list((tmp_path / "stock").glob("*.nii.gz"))
-    run_cmd("nnUNetv2_predict_textguided", "-i", trained / "imagesTs", "-o", tmp_path / "pkg", "-d", PHANTOM_ID,
-            "-c", "3d_tiny", "-f", 0, "-tr", OFFLINE, "-device", "cpu", "-npp", 1, "-nps", 1)
-    assert_valid_segmentations(tmp_path / "pkg", trained / "labelsTs", 2)
+@pytest.mark.parametrize("trainer", PAPER)
+def test_paper_mode_predicts_with_the_package_predictor_and_stock_predict_names_it(trained, trainer, tmp_path):
+    """Stock nnUNetv2_predict on a paper-mode model stops while nnU-Net builds the network, writes nothing (not
+    even the output folder), and prints the nnUNetv2_predict_textguided line with the user's flags; that line
+    predicts, and with --embedding_store a rerun reads every slice table and calls no encoder."""
+    flags = ["-i", str(trained / "imagesTs"), "-o", str(tmp_path / "stock"), "-d", str(PHANTOM_ID), "-c", "3d_tiny",
+             "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"]
+    r = run_cmd("nnUNetv2_predict", *flags, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    line = shlex.join(["nnUNetv2_predict_textguided", *flags])
+    assert r.stderr.strip().endswith("Run instead: " + line), r.stderr[-2000:]
+    assert not (tmp_path / "stock").exists()
+    store = tmp_path / "embeddings"
+    out = tmp_path / "pkg"
+    outputs = {}
+    for run in ("first", "rerun"):
+        r = run_cmd("nnUNetv2_predict_textguided", *flags[:2], "-o", out, *flags[4:], "--embedding_store", store,
+                    "--save_probabilities")
+        assert_valid_segmentations(out, trained / "labelsTs", 2)
+        outputs[run] = {f.name: np.load(f)["probabilities"] for f in sorted(out.glob("*.npz"))}
+        streams = 1 if trainer in PAPER[:2] else 2
+        if run == "first":
+            assert f"slice tables: {2 * streams} computed, 0 read from the embedding store" in r.stdout
+        else:
+            assert (f"slice tables: 0 computed, {2 * streams} read from the embedding store (0 slices through the "
+                    "frozen encoders)") in r.stdout
+    for name, probs in outputs["first"].items():
+        np.testing.assert_array_equal(probs, outputs["rerun"][name])
 
 
 def test_predict_refuses_other_encoder_weights(trained, tmp_path):
     """A model folder whose recorded encoder hash differs from the loaded encoder stops with a clear message."""
     import shutil
-    src = model_dir("BiCLIPTrainer_Net4_2epochs")
-    dst = RESULTS / PHANTOM_NAME / "BiCLIPTrainer_Net4_2epochs__tampered__3d_tiny"
+    src = model_dir("BiCLIPTrainer_online_2epochs")
+    dst = RESULTS / PHANTOM_NAME / "BiCLIPTrainer_online_2epochs__tampered__3d_tiny"
     shutil.copytree(src, dst)
     plans = json.loads((dst / "plans.json").read_text())
     for rec in plans["configurations"]["3d_tiny"]["textguided"]["encoders"].values():
         rec["weight_hash"] = "0" * 64
     (dst / "plans.json").write_text(json.dumps(plans))
     r = run_cmd("nnUNetv2_predict", "-i", trained / "imagesTs", "-o", tmp_path / "o", "-d", PHANTOM_ID,
-                "-c", "3d_tiny", "-f", 0, "-tr", "BiCLIPTrainer_Net4_2epochs", "-p", "tampered", "-device", "cpu",
+                "-c", "3d_tiny", "-f", 0, "-tr", "BiCLIPTrainer_online_2epochs", "-p", "tampered", "-device", "cpu",
                 "-npp", 1, "-nps", 1, check=False)
     assert r.returncode != 0 and "was trained with" in r.stderr
 

@@ -98,9 +98,8 @@ def test_a_variant_only_changes_defaults_and_a_contradicting_configuration_is_re
         BiCLIPTrainer_Net2.resolve_settings({"textguided": {"biclip": {"streams": ["image", "caption"]}}})
 
 
-#: trainers with code of their own beyond settings: nnFormer's configuration check; BiCLIP's paper mode (its store
-#: and positional data path)
-OWN_CODE = {"nnFormerTrainer", "BiCLIPTrainer_offline"}
+#: trainers with code of their own beyond settings: nnFormer's configuration check
+OWN_CODE = {"nnFormerTrainer"}
 
 
 def test_every_ablation_and_schedule_trainer_only_changes_schema_defaults():
@@ -208,3 +207,28 @@ def test_settings_file_json_and_yaml(tmp_path):
     assert S.read_settings_file(tmp_path / "s.yaml", "biclip") == ("biclip", {"epochs": 300, "streams": ["image"]})
     with pytest.raises(S.SettingsError, match="holds biclip settings, but the method is cdpdnet"):
         S.read_settings_file(tmp_path / "s.json", "cdpdnet")
+
+
+def test_ct_window_is_a_setting_rendered_through_the_plans_ct_normalisation():
+    from nnunet_textguided.conditioning.slices import window_from_plans
+    from nnunet_textguided.presets import preset_plans
+    from nnunet_textguided.training.biclip import BiCLIPTrainer
+    info = S.keys("biclip")["ct_window_hu"]
+    assert info.default == (-175.0, 250.0) and info.paper == "silent" and "replicate each slice" in info.where
+    assert S.check_value("biclip", "ct_window_hu", S.parse_text("biclip", "ct_window_hu", "-1000,400")) == [-1000.0,
+                                                                                                        400.0]
+    plans = {"foreground_intensity_properties_per_channel": {"0": {"mean": 50.0, "std": 100.0}}}
+    ct = {"normalization_schemes": ["CTNormalization"]}
+    assert window_from_plans(plans, ct) == (-2.25, 2.0)
+    assert window_from_plans(plans, ct, (-1000, 400)) == (-10.5, 3.5)
+    assert window_from_plans(plans, {"normalization_schemes": ["ZScoreNormalization"]}, (-1000, 400)) == (-2.5, 2.5)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    p, name = preset_plans("3d_tiny", {"spacing": [2.5, 1.25, 1.25], "modality": "CT"})
+    pm = PlansManager(p)
+    cm = pm.get_configuration(name)
+    s = S.resolve("biclip", {"textguided": {"biclip": {"ct_window_hu": [-1000, 400]}}}, {}, "BiCLIPTrainer", "test")
+    props = p["foreground_intensity_properties_per_channel"]["0"]
+    window = BiCLIPTrainer.settings_for(pm, cm, s)["window"]
+    assert window == pytest.approx([(h - props["mean"]) / props["std"] for h in (-1000, 400)])
+    with pytest.raises(S.SettingsError, match="ct_window_hu: the lower bound must be below"):
+        BiCLIPTrainer.settings_for(pm, cm, S.resolve("biclip", {"textguided": {"biclip": {"ct_window_hu": [400, -1000]}}}, {}, "x", "test"))

@@ -55,8 +55,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", required=True, help="dataset name or id")
     p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres or 3d_tiny")
-    p.add_argument("-tr", default="BiCLIPTrainer_offline", help="trainer whose conditioning to extract "
-                   "(default: BiCLIPTrainer_offline)")
+    p.add_argument("-tr", default="BiCLIPTrainer", help="trainer whose conditioning to extract "
+                   "(default: BiCLIPTrainer, BiCLIP's paper mode)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-num_parts", type=int, default=1)
     p.add_argument("-part_id", type=int, default=0)

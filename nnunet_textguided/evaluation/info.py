@@ -137,7 +137,7 @@ def folds_of(where: dict) -> dict[str, list[str]]:
 
 def predict_command(where: dict, block: dict) -> str:
     """The predict command of this model, with the user's placeholders for input and output."""
-    needs_case = bool(block.get("notes")) or block.get("mode") == "offline" or block.get("method") == "cdpdnet"
+    needs_case = bool(block.get("notes")) or (block.get("mode") == "offline" and bool(block.get("streams"))) or block.get("method") == "cdpdnet"
     command = "nnUNetv2_predict_textguided" if needs_case else "nnUNetv2_predict"
     folds = ",".join(f.removeprefix("fold_") for f in folds_of(where)) if where["trained"] else "0"
     cmd = (f"{command} -i INPUT_FOLDER -o OUTPUT_FOLDER -d {where['plans'].get('dataset_name')} -c "

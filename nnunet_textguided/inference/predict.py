@@ -12,6 +12,14 @@ case is checked first: a case without a note (or with an empty one) stops the ru
 list of such cases, before anything is written into the output folder. Stock nnUNetv2_predict refuses these
 models while it builds the network (it cannot pass notes).
 
+BiCLIP paper-mode models (BiCLIPTrainer, _Net2, _Net3) embed every slice of each test case once (batched; not per
+tile or mirror) and take one more flag:
+
+  --embedding_store DIR           keep those slice tables in DIR (e.g. next to the output folder): a rerun on the
+                                  same images reads them and makes no encoder call; entries are keyed by the
+                                  preprocessed image's sha256 and the encoders' identity, so a changed image or
+                                  model is recomputed
+
 Universal (merged, partial-label) models — CDPDNet — take more flags:
 
   --labels "left kidney, liver"   predict only these labels; each phrase is matched to the model's label
@@ -45,7 +53,9 @@ from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 from ..conditioning.labels import (DEFAULT_LABEL_ENCODER, DEFAULT_MARGIN, DEFAULT_THRESHOLD, match_labels,
                                   split_phrases)
 from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_case_notes, warn_truncated_notes
-from ..conditioning.slices import TableSliceConditioner
+from ..conditioning import slices as slice_embeddings
+from ..conditioning.slices import MissingCaseConditioningError, TableSliceConditioner, slice_table, slice_table_identity
+from ..conditioning.store import EmbeddingStore, StoreEntryError, StoreWriteError
 from ..data.position_channels import append_position_channels
 from ..encoders.base import EncoderSpecError
 from ..io import atomic_path, atomic_write_json
@@ -112,6 +122,10 @@ class TextGuidedPredictor(nnUNetPredictor):
     #: nnU-Net's entry point returns)
     last_selection: dict | None = None
     last_outputs: list[str] | None = None
+    #: paper-mode BiCLIP: where test cases' slice tables are kept (``--embedding_store``; None: computed each run)
+    embedding_store: str | None = None
+    #: slice tables of this process: computed vs read from the embedding store
+    slice_table_counts = {"computed": 0, "stored": 0}
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds=None,
                                              checkpoint_name: str = "checkpoint_final.pth"):
@@ -330,7 +344,7 @@ class TextGuidedPredictor(nnUNetPredictor):
             cond.set_notes(*self._case_notes["in_order"].pop(0))
         if isinstance(cond, TableSliceConditioner):
             data = torch.as_tensor(np.asarray(data)) if not torch.is_tensor(data) else data
-            cond.set_tables({0: cond.compute_tables(data, device=self.device)})
+            cond.set_tables({0: self.case_slice_tables(cond, data)})  # once per case, before tiles and mirrors
             data = append_position_channels(data, 0)
         logits = super().predict_logits_from_preprocessed_data(data)
         selection = getattr(self, "selection", None)
@@ -339,6 +353,33 @@ class TextGuidedPredictor(nnUNetPredictor):
             with torch.inference_mode():  # the logits are inference tensors
                 logits[drop] = -1e4  # sigmoid -> 0: unselected labels are never written
         return logits
+
+    def case_slice_tables(self, cond: TableSliceConditioner, data: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{stream: (D + 1, E) table} of one preprocessed case (C, D, H, W): from ``embedding_store`` when it holds
+        this image's tables for these encoders, else computed (and stored there, if set)."""
+        counts = type(self).slice_table_counts
+        if self.embedding_store is None:
+            counts["computed"] += len(cond.streams)
+            return cond.compute_tables(data, device=self.device)
+        import hashlib
+        image = np.ascontiguousarray(data[0].detach().cpu().numpy().astype(np.float32, copy=False))
+        source = hashlib.sha256(image.tobytes()).hexdigest()
+        entry, expected = f"image_{source[:24]}", (data.shape[1] + 1, None)
+        records = self.configuration_manager.configuration["textguided"]["encoders"]
+        tables = {}
+        for stream in cond.streams:
+            store = EmbeddingStore(self.embedding_store, f"slices_{stream.name}",
+                                   slice_table_identity(stream, cond.window, records),
+                                   command=f"{PROG} ... --embedding_store {self.embedding_store}")
+            if store.is_current(entry, source, expected):
+                tables[stream.name] = torch.from_numpy(store.load(entry, expected))
+                counts["stored"] += 1
+                continue
+            table = slice_table(data, stream, cond.window, device=self.device)
+            store.save(entry, table.numpy(), source)
+            tables[stream.name] = table
+            counts["computed"] += 1
+        return tables
 
 
 def _slug(name: str) -> str:
@@ -391,6 +432,7 @@ def _split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--label-margin", type=float, default=DEFAULT_MARGIN)
     p.add_argument("--label-encoder", default=DEFAULT_LABEL_ENCODER)
     p.add_argument("--save_label_masks", action="store_true")
+    p.add_argument("--embedding_store")
     p.add_argument("-o")
     ours, rest = p.parse_known_args(argv)
     if ours.o is not None:
@@ -415,12 +457,14 @@ def main() -> None:
         {"labels": ours.labels, "task": ours.task, "threshold": ours.label_threshold, "margin": ours.label_margin,
          "encoder": ours.label_encoder}
         if ours.labels is not None or ours.task is not None else None)
+    TextGuidedPredictor.embedding_store = ours.embedding_store
     stock.nnUNetPredictor = TextGuidedPredictor
     sys.argv = [PROG] + rest
+    encoder_calls = dict(slice_embeddings.ENCODER_CALLS)
     try:
         stock.predict_entry_point()
     except (LabelSelectionError, NoteError, InputImageError, EncoderMismatchError, CheckpointError, SettingsError,
-            EncoderSpecError) as e:
+            EncoderSpecError, StoreWriteError, StoreEntryError, MissingCaseConditioningError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except ValueError as e:  # UnknownLabelError
@@ -428,6 +472,11 @@ def main() -> None:
             raise
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    counts = TextGuidedPredictor.slice_table_counts
+    if counts["computed"] or counts["stored"]:
+        calls = {k: v - encoder_calls.get(k, 0) for k, v in slice_embeddings.ENCODER_CALLS.items()}
+        print(f"{PROG}: slice tables: {counts['computed']} computed, {counts['stored']} read from the embedding store"
+              f" ({sum(calls.values())} slices through the frozen encoders)")
     selection = TextGuidedPredictor.last_selection
     if ours.o and selection:
         atomic_write_json(os.path.join(ours.o, "textguided_selection.json"),

@@ -148,6 +148,11 @@ def _built_for_stock_predictor() -> bool:
     return False
 
 
+def _argument(argv: list[str], flag: str) -> str | None:
+    """The value after ``flag`` in a command line, or None."""
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+
+
 class TextGuidedTrainer(nnUNetTrainer):
     #: key of NETWORK_BUILDERS and of ``settings.SCHEMAS``
     textguided_method: str = ""
@@ -278,6 +283,12 @@ class TextGuidedTrainer(nnUNetTrainer):
         if settings.get("notes") and _built_for_stock_predictor():
             from ..conditioning.notes import NOTES_REQUIRED, NotesRequiredError
             raise NotesRequiredError(NOTES_REQUIRED)  # before nnU-Net writes anything into the output folder
+        if (settings.get("mode") == "offline" and settings.get("streams")) and _built_for_stock_predictor():
+            from ..conditioning.slices import SliceTablesRequiredError, stock_predict_refusal
+            from ..io import remove_empty_folder_made_by_this_process
+            # nnUNetv2_predict made the output folder just before building the network: leave no trace
+            remove_empty_folder_made_by_this_process(_argument(sys.argv, "-o"))
+            raise SliceTablesRequiredError(stock_predict_refusal(sys.argv))
         settings_schema.check_environment("building a nnunet-textguided network")
         backbone = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                             num_output_channels, enable_deep_supervision)

@@ -1,12 +1,20 @@
-"""BiCLIP trainers (seed 000) on nnU-Net's own backbone from the plans.
+"""BiCLIP trainers (seed 000) on nnU-Net's own backbone from the plans, or on nnFormer (3d_nnformer_* configurations).
 
-| trainer                   | streams          | conditioning                                              |
-|---------------------------|------------------|-----------------------------------------------------------|
-| BiCLIPTrainer_Net1        | none (backbone)  | —                                                         |
-| BiCLIPTrainer_Net2        | image (PMC-CLIP) | online: slices of the input patch, inside forward         |
-| BiCLIPTrainer_Net3        | caption (CoCa)   | online                                                    |
-| BiCLIPTrainer (= Net4)    | image + caption  | online                                                    |
-| BiCLIPTrainer_offline     | image + caption  | paper mode: per-full-slice tables from the store          |
+| trainer                    | streams          | conditioning                                                     |
+|----------------------------|------------------|------------------------------------------------------------------|
+| BiCLIPTrainer_Net1         | none (backbone)  | —                                                                |
+| BiCLIPTrainer_Net2         | image (PMC-CLIP) | paper mode: per-full-slice tables from the store (offline)       |
+| BiCLIPTrainer_Net3         | caption (CoCa)   | paper mode                                                       |
+| BiCLIPTrainer (= _Net4)    | image + caption  | paper mode                                                       |
+| BiCLIPTrainer_online, _Net2_online, _Net3_online | as above | beyond the paper: the slices of each input patch embedded inside forward |
+
+Paper mode (the paper: "the extraction of CLIP embeddings is performed offline", §3.1): every full slice of
+every preprocessed case is embedded once into the embedding store (lazily at training start, or ahead with
+``nnUNetv2_extract_textguided``); positional channels carry each patch slice's source slice through nnU-Net's
+augmentation (``data.position_channels``). Predict with ``nnUNetv2_predict_textguided``, which embeds each test
+case's slices once; stock ``nnUNetv2_predict`` stops at once with that command line.
+Online mode needs no store and predicts with the stock command, but runs both frozen encoders on every slice of
+every patch at every step, tile and mirror (``nnunet-textguided params``: ~50x the network at the Synapse size).
 
 Settings (``settings.BiCLIPSettings``, in the configuration's ``textguided.biclip`` block): ``image_encoder`` /
 ``caption_encoder`` default to the paper's PMC-CLIP image tower (``pmc-clip/image_encoder(resnet50).pth`` under the
@@ -15,13 +23,15 @@ starts an nnFormer backbone from a checkpoint. The tiny presets name tiny stand-
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from tqdm import tqdm
 
 from ..conditioning.slices import (OnlineSliceConditioner, SliceStream, TableSliceConditioner, slice_table,
-                                   window_from_plans)
+                                   slice_table_identity, window_from_plans)
 from ..conditioning.store import EmbeddingStore, case_data_files, extract_command
 from ..data.position_channels import PositionAwareTransforms, PositionedDataset
 from ..networks.biclip import BiCLIPNetwork
@@ -70,15 +80,30 @@ def build_biclip_network(settings, backbone, plans_manager, configuration_manage
                         attention_init=settings.get("attention_init", "fresh"),
                         fusion_hidden=settings.get("fusion_hidden"), combine=settings.get("combine", "sum"))
     window = tuple(settings["window"])
-    if settings["mode"] == "offline":
+    if streams and settings["mode"] == "offline":
         net.set_conditioner(TableSliceConditioner(streams, window, num_input_channels))
     elif streams:
         net.set_conditioner(OnlineSliceConditioner(streams, window))
     return net
 
 
+def uses_slice_tables(settings: dict) -> bool:
+    """Paper mode with at least one stream: the network reads per-slice tables (positional input channels)."""
+    return settings.get("method") == "biclip" and settings.get("mode") == "offline" and bool(settings.get("streams"))
+
+
+class SliceTableStore(EmbeddingStore):
+    """A stream's per-slice tables: (slices of the preprocessed volume + 1, embed dim), row 0 the zero slice."""
+
+    def describe_mismatch(self, shape: tuple, expected: tuple) -> str:
+        if len(shape) == len(expected) == 2 and expected[0] not in (None, shape[0]):
+            return f"has {shape[0] - 1} slice rows but the preprocessed volume has {expected[0] - 1} slices"
+        return super().describe_mismatch(shape, expected)
+
+
 class BiCLIPTrainer(TextGuidedTrainer):
-    """BiCLIP Net4 (both streams), online conditioning: exact under stock nnUNetv2_predict."""
+    """BiCLIP Net4 (both streams) in the paper's offline mode (setting ``mode``): per-full-slice tables from the
+    embedding store, aligned to each augmented patch through positional channels."""
 
     textguided_method = "biclip"
     #: the paper trains nnFormer (BiCLIP-nnFormer); 500 epochs, SGD 1e-2, momentum 0.99, weight decay 3e-5 with
@@ -89,9 +114,14 @@ class BiCLIPTrainer(TextGuidedTrainer):
     def settings_for(cls, plans_manager, configuration_manager, settings, dataset_json=None) -> dict:
         specs = {"image": settings.image_encoder, "caption": settings.caption_encoder}
         streams = [{"name": n, "encoder": specs[n], "method": STREAM_METHODS[n]} for n in settings.streams]
+        lo, hi = settings.ct_window_hu
+        if not lo < hi:
+            raise settings_schema.SettingsError(f"setting ct_window_hu: the lower bound must be below the upper "
+                                                f"one, got [{lo}, {hi}]")
         return {"mode": settings.mode, "streams": streams,
                 "encoders": {s["encoder"]: {} for s in streams},
-                "window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration)),
+                "window": list(window_from_plans(plans_manager.plans, configuration_manager.configuration,
+                                                 (lo, hi))),
                 "num_attention_blocks": settings.num_attention_blocks, "combine": settings.combine,
                 "fusion_hidden": settings.fusion_hidden,
                 # the paper's initialisation needs attention layers in the backbone's bottleneck (nnFormer)
@@ -128,6 +158,9 @@ class BiCLIPTrainer(TextGuidedTrainer):
 
     def initialize(self):
         super().initialize()
+        if self.uses_slice_tables:
+            index = {c: i for i, c in enumerate(self.all_case_identifiers())}
+            self.dataset_class = PositionedDatasetClass(self.dataset_class, index)
         if self.settings.nnformer_weights:
             self.load_nnformer_weights(str(settings_schema.resolve_path(self.settings.nnformer_weights)),
                                        self.settings.nnformer_weights_trusted)
@@ -155,6 +188,101 @@ class BiCLIPTrainer(TextGuidedTrainer):
             f"nnFormer weights {path}: {report['matched']} tensors loaded; missing {report['missing']}; "
             f"unexpected {report['unexpected']}; shape mismatch {report['shape_mismatch']}", also_print_to_console=True)
         return report
+
+    @property
+    def uses_slice_tables(self) -> bool:
+        return uses_slice_tables(self.textguided)
+
+    # -- the store ----------------------------------------------------------------------------------------
+    def slice_stores(self) -> list[tuple[SliceStream, SliceTableStore]]:
+        s = self.textguided
+        out = []
+        for stream in streams_of(s):
+            identity = slice_table_identity(stream, s["window"], s["encoders"])
+            out.append((stream, SliceTableStore(self.preprocessed_dataset_folder, f"slices_{stream.name}", identity,
+                                                command=extract_command(self))))
+        return out
+
+    def _dataset(self, cases):
+        folder = self.preprocessed_dataset_folder
+        return infer_dataset_class(folder)(folder, cases)
+
+    @staticmethod
+    def table_shape(data) -> tuple[int, None]:
+        """Expected table shape of a preprocessed volume (C, D, H, W): the zero slice + one row per slice."""
+        return data.shape[1] + 1, None
+
+    def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
+        """Compute missing, stale or damaged per-slice tables. Returns counts {'computed', 'skipped'}."""
+        if not self.uses_slice_tables:
+            raise RuntimeError(f"trainer '{type(self).__name__}' needs no offline embeddings ("
+                               + ("online mode: its encoders run inside forward)" if self.textguided["streams"]
+                                  else "no embedding streams)"))
+        check_and_record_encoders(self.textguided)
+        cases = sorted(cases or self.all_case_identifiers())[part_id::num_parts]
+        stores = self.slice_stores()
+        dataset = self._dataset(cases)
+        window = tuple(self.textguided["window"])
+        counts = {"computed": 0, "skipped": 0}
+        for case in tqdm(cases, desc="slice embeddings", disable=not progress):
+            data = dataset.load_case(case)[0]
+            source, shape = stores[0][1].source_hash(case), self.table_shape(data)
+            todo = [(st, store) for st, store in stores if not store.is_current(case, source, shape)]
+            counts["skipped"] += len(stores) - len(todo)
+            if not todo:
+                continue
+            data = np.asarray(data[:], dtype=np.float32)
+            tables = [slice_table(data, st, window, device=self.device).numpy() for st, _ in todo]
+            for (st, _), table in zip(todo, tables):
+                if not np.isfinite(table).all():
+                    file = case_data_files(self.preprocessed_dataset_folder, case)[0]
+                    raise ValueError(f"the {st.name} slice embeddings of case {case} are NaN/inf (computed from "
+                                     f"{file}, {np.isfinite(data).mean():.2%} finite voxels); check the image {case} "
+                                     "for NaN/inf voxels and run nnUNetv2_plan_and_preprocess again")
+            for (_, store), table in zip(todo, tables):
+                store.save(case, table, source)
+                counts["computed"] += 1
+        return counts
+
+    def _register_tables(self) -> None:
+        """Extract what is missing, stale or damaged, then hand every case's tables to the conditioner."""
+        cases = self.all_case_identifiers()
+        started = time.time()
+        if not self.is_ddp or self.local_rank == 0:  # under DDP one process extracts, the others wait for it
+            counts = self.extract(cases, progress=True)
+            if counts["computed"]:
+                self.print_to_log_file(f"embedding store incomplete: {counts['computed']} slice tables extracted "
+                                       f"now ({time.time() - started:.0f} s)", also_print_to_console=True)
+        if self.is_ddp:
+            torch.distributed.barrier()
+        dataset = self._dataset(cases)
+        shapes = {c: self.table_shape(dataset.load_case(c)[0]) for c in cases}
+        stores = self.slice_stores()
+        tables = {i: {st.name: torch.from_numpy(store.load(c, shapes[c])) for st, store in stores}
+                  for i, c in enumerate(cases)}
+        self._conditioner().set_tables(tables)
+
+    def _conditioner(self) -> TableSliceConditioner:
+        return self.bare_network().conditioner
+
+    # -- nnU-Net hooks (paper mode) -------------------------------------------------------------------------
+    def on_train_start(self):
+        super().on_train_start()
+        if self.uses_slice_tables:
+            self._register_tables()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.uses_slice_tables and not self._conditioner().tables:
+            self._register_tables()
+        super().perform_actual_validation(save_probabilities)
+
+    def get_training_transforms(self, *args, **kwargs):
+        transforms = super().get_training_transforms(*args, **kwargs)
+        return PositionAwareTransforms(transforms) if self.uses_slice_tables else transforms
+
+    def get_validation_transforms(self, *args, **kwargs):
+        transforms = super().get_validation_transforms(*args, **kwargs)
+        return PositionAwareTransforms(transforms) if self.uses_slice_tables else transforms
 
 
 class BiCLIPTrainer_Net1(BiCLIPTrainer):
@@ -190,105 +318,26 @@ class BiCLIPTrainer_Net4(BiCLIPTrainer):
     """Ablation Net4: both streams (the full BiCLIP)."""
 
 
-class SliceTableStore(EmbeddingStore):
-    """A stream's per-slice tables: (slices of the preprocessed volume + 1, embed dim), row 0 the zero slice."""
-
-    def describe_mismatch(self, shape: tuple, expected: tuple) -> str:
-        if len(shape) == len(expected) == 2 and expected[0] not in (None, shape[0]):
-            return f"has {shape[0] - 1} slice rows but the preprocessed volume has {expected[0] - 1} slices"
-        return super().describe_mismatch(shape, expected)
-
-
 class BiCLIPTrainer_offline(BiCLIPTrainer):
-    """Paper mode: embeddings of every full slice computed offline into the store, aligned to each patch's
-    source slices through positional channels. Predict with nnUNetv2_predict_textguided."""
-    variant_settings = {"mode": "offline"}
+    """BiCLIPTrainer under its former name (paper mode was a separate trainer): model folders trained under this
+    name still load and predict."""
 
-    # -- the store ----------------------------------------------------------------------------------------
-    def slice_stores(self) -> list[tuple[SliceStream, SliceTableStore]]:
-        s = self.textguided
-        out = []
-        for stream in streams_of(s):
-            identity = {"kind": "slice_table", "stream": stream.name, "encoder": stream.encoder,
-                        "method": stream.method, "window": s["window"],
-                        "weight_hash": s["encoders"][stream.encoder].get("weight_hash")}
-            out.append((stream, SliceTableStore(self.preprocessed_dataset_folder, f"slices_{stream.name}", identity,
-                                                command=extract_command(self))))
-        return out
 
-    def _dataset(self, cases):
-        folder = self.preprocessed_dataset_folder
-        return infer_dataset_class(folder)(folder, cases)
+class BiCLIPTrainer_online(BiCLIPTrainer):
+    """Beyond the paper: both encoders embed the slices of each input patch inside forward. No store, no
+    misalignment under augmentation, exact under stock nnUNetv2_predict — at the cost of running both frozen
+    encoders on every slice of every patch, tile and mirror (about 50x the network at the Synapse paper size)."""
+    variant_settings = {"mode": "online"}
 
-    @staticmethod
-    def table_shape(data) -> tuple[int, None]:
-        """Expected table shape of a preprocessed volume (C, D, H, W): the zero slice + one row per slice."""
-        return data.shape[1] + 1, None
 
-    def extract(self, cases=None, num_parts: int = 1, part_id: int = 0, progress: bool = True) -> dict:
-        """Compute missing, stale or damaged per-slice tables. Returns counts {'computed', 'skipped'}."""
-        check_and_record_encoders(self.textguided)
-        cases = sorted(cases or self.all_case_identifiers())[part_id::num_parts]
-        stores = self.slice_stores()
-        dataset = self._dataset(cases)
-        window = tuple(self.textguided["window"])
-        counts = {"computed": 0, "skipped": 0}
-        for case in tqdm(cases, desc="slice embeddings", disable=not progress):
-            data = dataset.load_case(case)[0]
-            source, shape = stores[0][1].source_hash(case), self.table_shape(data)
-            todo = [(st, store) for st, store in stores if not store.is_current(case, source, shape)]
-            counts["skipped"] += len(stores) - len(todo)
-            if not todo:
-                continue
-            data = np.asarray(data[:], dtype=np.float32)
-            tables = [slice_table(data, st, window, device=self.device).numpy() for st, _ in todo]
-            for (st, _), table in zip(todo, tables):
-                if not np.isfinite(table).all():
-                    file = case_data_files(self.preprocessed_dataset_folder, case)[0]
-                    raise ValueError(f"the {st.name} slice embeddings of case {case} are NaN/inf (computed from "
-                                     f"{file}, {np.isfinite(data).mean():.2%} finite voxels); check the image {case} "
-                                     "for NaN/inf voxels and run nnUNetv2_plan_and_preprocess again")
-            for (_, store), table in zip(todo, tables):
-                store.save(case, table, source)
-                counts["computed"] += 1
-        return counts
+class BiCLIPTrainer_Net2_online(BiCLIPTrainer_online):
+    """Net2 (image stream) in online mode (beyond the paper)."""
+    variant_settings = {"mode": "online", "streams": ("image",)}
 
-    def _register_tables(self) -> None:
-        """Extract what is missing, stale or damaged, then hand every case's tables to the conditioner."""
-        cases = self.all_case_identifiers()
-        counts = self.extract(cases, progress=False)
-        if counts["computed"]:
-            self.print_to_log_file(f"embedding store incomplete: {counts['computed']} slice tables extracted now")
-        dataset = self._dataset(cases)
-        shapes = {c: self.table_shape(dataset.load_case(c)[0]) for c in cases}
-        stores = self.slice_stores()
-        tables = {i: {st.name: torch.from_numpy(store.load(c, shapes[c])) for st, store in stores}
-                  for i, c in enumerate(cases)}
-        self._conditioner().set_tables(tables)
 
-    def _conditioner(self) -> TableSliceConditioner:
-        return self.bare_network().conditioner
-
-    # -- nnU-Net hooks ------------------------------------------------------------------------------------
-    def initialize(self):
-        super().initialize()
-        index = {c: i for i, c in enumerate(self.all_case_identifiers())}
-        self.dataset_class = PositionedDatasetClass(self.dataset_class, index)
-
-    def on_train_start(self):
-        super().on_train_start()
-        self._register_tables()
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        if not self._conditioner().tables:
-            self._register_tables()
-        super().perform_actual_validation(save_probabilities)
-
-    def get_training_transforms(self, *args, **kwargs):
-        return PositionAwareTransforms(super().get_training_transforms(*args, **kwargs))
-
-    def get_validation_transforms(self, *args, **kwargs):
-        return PositionAwareTransforms(super().get_validation_transforms(*args, **kwargs))
+class BiCLIPTrainer_Net3_online(BiCLIPTrainer_online):
+    """Net3 (caption stream) in online mode (beyond the paper)."""
+    variant_settings = {"mode": "online", "streams": ("caption",)}
 
 
 class PositionedDatasetClass:
@@ -308,7 +357,8 @@ class PositionedDatasetClass:
 
 
 BASE_TRAINERS = [BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2, BiCLIPTrainer_Net3, BiCLIPTrainer_Net4,
-                 BiCLIPTrainer_offline, nnFormerTrainer]
+                 BiCLIPTrainer_offline, BiCLIPTrainer_online, BiCLIPTrainer_Net2_online, BiCLIPTrainer_Net3_online,
+                 nnFormerTrainer]
 # short schedules: _2epochs for smoke tests, _40epochs for the demo (see README for timings)
 SHORT_TRAINERS = [short_schedule(t, e, it, vit) for t in BASE_TRAINERS for e, it, vit in ((2, 4, 2), (40, 25, 4))]
 globals().update({t.__name__: t for t in SHORT_TRAINERS})

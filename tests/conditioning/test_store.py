@@ -45,12 +45,12 @@ def test_missing_case_error_names_the_command(tmp_path):
 
 @pytest.fixture
 def offline_trainer(phantom_dataset, tmp_path, monkeypatch):
-    """BiCLIPTrainer_offline on a private copy of the preprocessed phantom data."""
+    """BiCLIPTrainer (paper mode) on a private copy of the preprocessed phantom data."""
     from conftest import PHANTOM_ID
     from nnunet_textguided.conditioning.extract import build_trainer
 
     def make(**settings):
-        tr = build_trainer(str(PHANTOM_ID), "3d_tiny", "BiCLIPTrainer_offline", settings=settings)
+        tr = build_trainer(str(PHANTOM_ID), "3d_tiny", "BiCLIPTrainer", settings=settings)
         if not (tmp_path / "pre").exists():
             shutil.copytree(tr.preprocessed_dataset_folder, tmp_path / "pre",
                             ignore=shutil.ignore_patterns("textguided"))

@@ -16,7 +16,7 @@ from nnunet_textguided.networks.blocks import SliceEmbeddingAdapter
 from nnunet_textguided.settings import BiCLIPSettings, CDPDNetSettings, MPTPNSettings, TGCNetSettings
 from nnunet_textguided.training import trainer_classes
 from nnunet_textguided.training.biclip import (BiCLIPTrainer, BiCLIPTrainer_Net1, BiCLIPTrainer_Net2,
-                                               BiCLIPTrainer_Net4, nnFormerTrainer)
+                                               BiCLIPTrainer_Net4, BiCLIPTrainer_online, nnFormerTrainer)
 
 #: TGC-Net's text / alignment ablations only drop modules inside one network: its two image-path variants stand
 #: for them (one without a CNN branch, one without any image tower)
@@ -62,15 +62,19 @@ def test_tiny_counts_match_the_network_nnunet_trains(trainer):
 
 def test_paper_configuration_is_built_on_meta_with_real_size_encoders():
     """BiCLIP's paper configuration: nnFormer (Synapse) with PMC-CLIP and CoCa ViT-L-14."""
-    reports = {t: count(t, "paper") for t in (BiCLIPTrainer_Net1, BiCLIPTrainer_Net2, BiCLIPTrainer_Net4)}
-    full = reports[BiCLIPTrainer_Net4]
+    reports = {t: count(t, "paper") for t in (BiCLIPTrainer_Net1, BiCLIPTrainer_Net2, BiCLIPTrainer_Net4,
+                                               BiCLIPTrainer_online)}
+    full, online = reports[BiCLIPTrainer_Net4], reports[BiCLIPTrainer_online]
     assert full.patch_size == [64, 128, 128] and full.num_classes == 14
     paper = BiCLIPSettings()  # the paper's encoders are the schema's defaults
     coca, pmc = paper.caption_encoder, paper.image_encoder
     assert full.encoders[coca]["params"] == 638_450_177  # open_clip coca_ViT-L-14, all towers
     assert full.encoders[pmc]["params"] == 37_792_352  # PMC-CLIP ModifiedResNet-50, 768-d
-    # 64 slices per patch through each encoder; CoCa captions cost at least 64 image-tower forwards
-    assert full.encoders[coca]["gflops_per_forward"] > full.encoders[pmc]["gflops_per_forward"] > 64 * 10
+    # online: 64 slices per patch through each encoder; CoCa captions cost at least 64 image-tower forwards;
+    # paper mode: none per forward (tables computed once per case), the same trainable network
+    assert online.encoders[coca]["gflops_per_forward"] > online.encoders[pmc]["gflops_per_forward"] > 64 * 10
+    assert full.encoders[coca]["gflops_per_forward"] == full.encoders[pmc]["gflops_per_forward"] == 0
+    assert (online.trainable, online.network_gflops) == (full.trainable, full.network_gflops)
     assert reports[BiCLIPTrainer_Net1].encoders == {}
     # one stream adds one 3D CLIP adapter: Net4 - Net2 is exactly one adapter of the paper's shape
     # (768 -> 192 -> 1536, 64 slices -> bottleneck depth 4)
@@ -100,7 +104,7 @@ def test_command_prints_table_and_json(capsys):
     assert main(["BiCLIPTrainer", "--config", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "at inference" in out and "tiny-coca" in out
-    assert main(["BiCLIPTrainer_offline", "--config", "tiny", "--json"]) == 0
+    assert main(["BiCLIPTrainer", "--config", "tiny", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["inference"] == data["trainable"] - data["training_only"] + data["frozen"]
     assert main(["NoSuchTrainer"]) == 2

@@ -7,7 +7,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_textguided.evaluation.params import _placeholder_conditioning, build_for_counting, count_plans
 from nnunet_textguided.presets import preset_plans
-from nnunet_textguided.training.biclip import BiCLIPTrainer, BiCLIPTrainer_Net2, nnFormerTrainer
+from nnunet_textguided.training.biclip import BiCLIPTrainer, BiCLIPTrainer_Net2_online, BiCLIPTrainer_online, nnFormerTrainer
 
 
 @pytest.mark.parametrize("preset, grid, channels, slices", [("3d_nnformer_synapse", (4, 4, 4), 1536, 64),
@@ -36,7 +36,7 @@ def tiny_network(trainer=BiCLIPTrainer):
 
 
 def test_fused_attention_starts_as_the_last_bottleneck_layer_and_trains_on_its_own():
-    net, cm = tiny_network(BiCLIPTrainer_Net2)
+    net, cm = tiny_network(BiCLIPTrainer_Net2_online)
     last = net.backbone.bottleneck_blocks()[-1]
     a, b = net.attention
     for block in (a, b):
@@ -84,9 +84,8 @@ def test_paper_mode_on_nnformer_reads_tables_through_positional_channels():
     import numpy as np
 
     from nnunet_textguided.data.position_channels import append_position_channels
-    from nnunet_textguided.training.biclip import BiCLIPTrainer_offline
-    offline, cm = tiny_network(BiCLIPTrainer_offline)
-    online, _ = tiny_network(BiCLIPTrainer)
+    offline, cm = tiny_network(BiCLIPTrainer)
+    online, _ = tiny_network(BiCLIPTrainer_online)
     online.load_state_dict(offline.state_dict())
     volume = torch.randn(1, *cm.patch_size)
     offline.conditioner.set_tables({0: offline.conditioner.compute_tables(volume)})

@@ -1,4 +1,4 @@
-"""Catalog 6: BiCLIP paper mode (BiCLIPTrainer_offline), a stored slice table whose row count does not match the
+"""Catalog 6: BiCLIP paper mode (BiCLIPTrainer), a stored slice table whose row count does not match the
 preprocessed volume (a table of another preprocessing copied in), and a volume with NaN voxels.
 
 The table must have one row per slice of the preprocessed volume plus the zero-slice row: extraction detects a
@@ -15,7 +15,7 @@ from conftest import PHANTOM_ID
 from reliability_helpers import assert_unchanged, extract_output, forge_store_entry, private_dataset, snapshot, \
     store_root
 
-TRAINER, CONFIG, DATA = "BiCLIPTrainer_offline", "3d_tiny", "nnUNetPlans_3d_fullres"
+TRAINER, CONFIG, DATA = "BiCLIPTrainer", "3d_tiny", "nnUNetPlans_3d_fullres"
 ARGS = ["-d", str(PHANTOM_ID), "-c", CONFIG, "-tr", TRAINER]
 
 

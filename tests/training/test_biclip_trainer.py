@@ -23,7 +23,7 @@ def encoders_of(net):
 
 
 def test_frozen_encoders_get_no_gradient_and_stay_out_of_checkpoints(trainer):
-    tr = trainer("BiCLIPTrainer")
+    tr = trainer("BiCLIPTrainer_online")
     net = tr.network
     assert isinstance(net.conditioner, OnlineSliceConditioner)
     encs = encoders_of(net)
@@ -46,7 +46,7 @@ def test_frozen_encoders_get_no_gradient_and_stay_out_of_checkpoints(trainer):
 
 
 def test_conditioning_changes_the_output(trainer):
-    tr = trainer("BiCLIPTrainer")
+    tr = trainer("BiCLIPTrainer_online")
     net = tr.network.eval()
     x = torch.randn(1, 1, *tr.configuration_manager.patch_size)
     with torch.no_grad():
@@ -61,8 +61,8 @@ def test_conditioning_changes_the_output(trainer):
 
 def test_offline_tables_equal_online_embeddings(trainer):
     """Consistency rule: a full slice is embedded identically by the online and the paper-mode path."""
-    online = trainer("BiCLIPTrainer").network.conditioner
-    offline = trainer("BiCLIPTrainer_offline").network.conditioner
+    online = trainer("BiCLIPTrainer_online").network.conditioner
+    offline = trainer("BiCLIPTrainer").network.conditioner
     assert isinstance(offline, TableSliceConditioner)
     vol = torch.randn(1, 12, 32, 32) * 2
     tables = offline.compute_tables(vol)
@@ -73,7 +73,7 @@ def test_offline_tables_equal_online_embeddings(trainer):
 
 
 def test_paper_mode_network_reads_the_store(trainer):
-    tr = trainer("BiCLIPTrainer_offline")
+    tr = trainer("BiCLIPTrainer")
     tr.extract(progress=False)
     tr._register_tables()
     cond = tr.network.conditioner
@@ -142,3 +142,49 @@ def test_nnformer_checkpoint_initialises_backbone_and_fused_layers(tmp_path, mon
     with pytest.raises(UnsafeCheckpointError, match="could run code .*nnformer_weights_trusted=true"):
         tr.load_nnformer_weights(str(tmp_path / "pickled.model"))
     assert tr.load_nnformer_weights(str(tmp_path / "pickled.model"), trusted=True)["matched"] == report["matched"]
+
+
+@pytest.mark.parametrize("name", ["BiCLIPTrainer", "BiCLIPTrainer_online"])
+def test_compiled_network_trains_without_tracing_the_frozen_encoders(phantom_dataset, name, monkeypatch):
+    """nnU-Net compiles the network on GPUs (initialize: torch.compile(self.network)); that path, run here with
+    the eager backend: the compiled network trains and predicts like the eager one, the frozen encoders (and
+    CoCa's generation) run outside every traced graph in online mode, and paper mode calls no encoder at all."""
+    import functools
+
+    from conftest import PHANTOM_ID
+    from nnunet_textguided.encoders.base import FrozenEncoder
+    compile_eagerly = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    tr = build_trainer(str(PHANTOM_ID), "3d_tiny", name, for_extraction=False)
+    monkeypatch.setattr(type(tr), "_do_i_compile", lambda self: True)
+    tr.initialize()
+    assert hasattr(tr.network, "_orig_mod")  # nnU-Net's own compile call wrapped it
+    paper = name == "BiCLIPTrainer"
+    if paper:
+        tr._register_tables()
+    calls = []
+    for method in ("embed_images", "embed_captions"):
+        original = getattr(FrozenEncoder, method)
+
+        def recording(self, *a, _original=original, **k):
+            calls.append(torch.compiler.is_compiling())
+            return _original(self, *a, **k)
+        monkeypatch.setattr(FrozenEncoder, method, recording)
+    torch.manual_seed(0)
+    patch = tr.configuration_manager.patch_size
+    x = torch.randn(2, 1, *patch)
+    if paper:  # the loader's positional channels: case 0 and 1, slices 1..D of each
+        from nnunet_textguided.data.position_channels import append_position_channels
+        x = torch.stack([append_position_channels(x[i], i) for i in range(2)])
+    target = [torch.randint(0, 4, (2, 1, *[s // f for s, f in zip(patch, sc)])).float()
+              for sc in [[1, 1, 1], [1, 2, 2], [2, 4, 4]]]
+    result = tr.train_step({"data": x, "target": target})
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    tr.network.eval()
+    with torch.no_grad():
+        compiled, eager = tr.network(x)[0], tr.bare_network()(x)[0]
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    if paper:
+        assert calls == []
+    else:
+        assert calls and not any(calls)  # called, and never while dynamo traced
