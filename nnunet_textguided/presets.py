@@ -70,13 +70,15 @@ def configuration_from_preset(plans: dict, preset: dict) -> dict:
 
 
 def add_configuration(plans_file: str | Path, preset: str, name: str | None = None, method: str | None = None,
-                      values: dict | None = None, force: bool = False, dry_run: bool = False) -> dict:
+                      values: dict | None = None, force: bool = False, dry_run: bool = False,
+                      batch_size: int | None = None) -> dict:
     """Add configuration ``name`` (default: the preset's name) to a plans file (atomic rewrite): a preset of
     plans/, or a configuration the plans already have (nnU-Net's 3d_fullres...: then the new one inherits from it),
     with ``values`` (typed, checked by ``settings``) written into its ``textguided.<method>`` block. Blocks of
     other methods already in that configuration are kept. A configuration that exists with other contents is
     replaced only with ``force``. ``dry_run``: check everything, write nothing. Returns {"configuration", "method",
-    "changed", "block"}."""
+    "changed", "block"}. ``batch_size`` replaces the configuration's nnU-Net batch size (global: nnUNetv2_train
+    -num_gpus N splits it over the GPUs)."""
     plans_file = Path(plans_file)
     if not plans_file.is_file():
         raise FileNotFoundError(f"{plans_file} does not exist: run nnUNetv2_plan_and_preprocess for this dataset first")
@@ -96,6 +98,10 @@ def add_configuration(plans_file: str | Path, preset: str, name: str | None = No
         raise KeyError(f"unknown preset '{preset}'; presets: {', '.join(sorted(presets))}; or a configuration of "
                        f"{plans_file.name}: {', '.join(configurations)}")
     name = name or preset
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise settings.SettingsError(f"--batch_size must be a positive integer, got {batch_size!r}")
+        new["batch_size"] = batch_size
     block = dict(new.get("textguided") or {})
     old = configurations.get(name)
     old_block = dict((old or {}).get("textguided") or {}) if "method" not in ((old or {}).get("textguided") or {}) \

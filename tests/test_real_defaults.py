@@ -131,6 +131,7 @@ def plans_file() -> Path:
      "setting image_encoder: encoder 'pmcclip:/nowhere/w.pth': the PMC-CLIP image tower"),
     (["3d_tiny", "--name", "3d_tiny_x", "--method", "biclip", "--set", "caption_encoder=openclip:ViT-B-32"], "names no pretrained weights"),
     (["3d_nowhere"], "unknown preset '3d_nowhere'"),
+    (["3d_tiny", "--name", "3d_tiny_x", "--batch_size", "0"], "--batch_size must be a positive integer, got 0"),
     (["3d_fullres", "--name", "3d_mine", "--method", "biclip"], "setting image_encoder: encoder 'pmcclip:pmc-clip"),
 ])
 def test_add_config_refuses_bad_settings_and_writes_nothing(phantom_dataset, args, message):
@@ -175,6 +176,22 @@ def test_add_config_writes_the_block_under_the_users_name_and_keeps_other_method
         plans_file().write_bytes(before)
 
 
+def test_paper_presets_carry_the_papers_batch_sizes_and_add_config_changes_it(phantom_dataset):
+    """BiCLIP §4.2: "For the Synapse and ACDC datasets, the batch sizes are set at 32 and 16"; --batch_size gives a
+    configuration of its own for fewer GPUs."""
+    from nnunet_textguided.cli import main
+    from nnunet_textguided.presets import available_presets
+    presets = available_presets()
+    assert presets["3d_nnformer_synapse"]["batch_size"] == 32 and presets["3d_nnformer_acdc"]["batch_size"] == 16
+    before = plans_file().read_bytes()
+    try:
+        assert main(["add-config", "-d", str(PHANTOM_ID), "3d_nnformer_tiny", "--name", "3d_nnformer_tiny_b1",
+                     "--batch_size", "1"]) == 0
+        assert json.loads(plans_file().read_text())["configurations"]["3d_nnformer_tiny_b1"]["batch_size"] == 1
+    finally:
+        plans_file().write_bytes(before)
+
+
 def test_info_describes_what_training_would_use(phantom_dataset, capsys):
     from nnunet_textguided.cli import main
     assert main(["info", "-d", str(PHANTOM_ID), "-c", "3d_tiny", "-tr", "BiCLIPTrainer_Net2"]) == 0
@@ -184,4 +201,4 @@ def test_info_describes_what_training_would_use(phantom_dataset, capsys):
     assert all(f" {k} " in out for k in keys("biclip"))
     assert "* image_encoder" in out  # the preset's stand-in differs from the trainer's (the paper's) default
     assert "  streams" in out and '["image"]' in out  # Net2's own value
-    assert "parameters: trainable" in out and "predict: nnUNetv2_predict -i INPUT_FOLDER" in out
+    assert "parameters: trainable" in out and "predict: nnUNetv2_predict_textguided -i INPUT_FOLDER" in out
