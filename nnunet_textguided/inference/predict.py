@@ -56,7 +56,7 @@ from ..conditioning.notes import NoteConditioner, NoteError, note_path, read_cas
 from ..conditioning import slices as slice_embeddings
 from ..conditioning.slices import MissingCaseConditioningError, TableSliceConditioner, slice_table, slice_table_identity
 from ..conditioning.store import EmbeddingStore, StoreEntryError, StoreWriteError
-from ..data.position_channels import append_position_channels
+from ..data.position_channels import position_channels
 from ..encoders.base import EncoderSpecError
 from ..io import atomic_path, atomic_write_json
 from ..settings import SettingsError
@@ -345,14 +345,53 @@ class TextGuidedPredictor(nnUNetPredictor):
         if isinstance(cond, TableSliceConditioner):
             data = torch.as_tensor(np.asarray(data)) if not torch.is_tensor(data) else data
             cond.set_tables({0: self.case_slice_tables(cond, data)})  # once per case, before tiles and mirrors
-            data = append_position_channels(data, 0)
-        logits = super().predict_logits_from_preprocessed_data(data)
+            # the case's positional channels; appended to each tile as the sliding window hands it over
+            self._case_positions = position_channels(0, tuple(data.shape[1:]))
+        try:
+            logits = super().predict_logits_from_preprocessed_data(data)
+        finally:
+            self.__dict__.pop("_case_positions", None)
         selection = getattr(self, "selection", None)
         if selection and len(selection["channels"]) < logits.shape[0]:
             drop = [c for c in range(logits.shape[0]) if c not in selection["channels"]]
             with torch.inference_mode():  # the logits are inference tensors
                 logits[drop] = -1e4  # sigmoid -> 0: unselected labels are never written
         return logits
+
+    # -- paper-mode positions, tile by tile ------------------------------------------------------------------
+    # nnU-Net's sliding window copies each tile in a prefetch thread; tiles of the image alone keep that copy as
+    # cheap as for any model (a tile with two more channels crossed torch's parallel-copy threshold at small
+    # patches, and the copy's thread team then competed with the forward for the cores: +40 % per case on 2 CPU
+    # cores). The two channels are appended to the tile in the main thread instead, before nnU-Net's test-time
+    # mirroring, which flips them with the image exactly as before.
+    def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):
+        positions = self.__dict__.get("_case_positions")
+        if positions is None:
+            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        # padded like the image (predict_sliding_window_return_logits pads to at least one patch): validity 0 there
+        padded = pad_nd_image(torch.from_numpy(positions), self.configuration_manager.patch_size, "constant",
+                              {"value": 0}, False, None)
+        if tuple(padded.shape[1:]) != tuple(data.shape[1:]):
+            raise RuntimeError(f"positional channels {tuple(padded.shape)} do not match the padded image "
+                               f"{tuple(data.shape)}")
+        self._tiles = {"positions": padded, "slicers": list(slicers), "next": 0}
+        try:
+            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        finally:
+            self.__dict__.pop("_tiles", None)
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        tiles = self.__dict__.get("_tiles")
+        if tiles is not None:
+            # nnU-Net predicts the tiles in slicer order, one call each (its prefetch queue is FIFO)
+            sl = tiles["slicers"][tiles["next"]]
+            tiles["next"] += 1
+            pos = tiles["positions"][sl][None]
+            if tuple(pos.shape[2:]) != tuple(x.shape[2:]):
+                raise RuntimeError(f"tile {tiles['next'] - 1} has shape {tuple(x.shape)}, its slicer {sl} another")
+            x = torch.cat((x, pos.to(x.device, x.dtype)), 1)
+        return super()._internal_maybe_mirror_and_predict(x)
 
     def case_slice_tables(self, cond: TableSliceConditioner, data: torch.Tensor) -> dict[str, torch.Tensor]:
         """{stream: (D + 1, E) table} of one preprocessed case (C, D, H, W): from ``embedding_store`` when it holds
