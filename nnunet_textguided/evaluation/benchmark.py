@@ -345,6 +345,84 @@ def run(trainers: list[type], preset: str = "3d_tiny", device: str = "cpu", repe
     return "\n".join(lines)
 
 
+#: BiCLIP trainers compared with Net1 of the same backbone (``--biclip``): paper mode, then online (beyond the paper)
+BICLIP_TRAINERS = ("BiCLIPTrainer_Net1", "BiCLIPTrainer_Net2", "BiCLIPTrainer_Net3", "BiCLIPTrainer",
+                   "BiCLIPTrainer_Net2_online", "BiCLIPTrainer_Net3_online", "BiCLIPTrainer_online")
+BICLIP_BACKBONES = {"3d_tiny": "nnU-Net's UNet", "3d_nnformer_tiny": "nnFormer"}
+#: a Synapse (BTCV) test case after nnFormer's resampling: 512 x 512 slices, 85-198 per scan (the middle taken)
+SYNAPSE_CASE = (140, 512, 512)
+
+
+def biclip_speed(device: str = "cpu", repeats: int = 5, predict_repeats: int = 3) -> list[str]:
+    """Training step and prediction (nnUNetv2_predict_textguided's per-case extraction included) of every BiCLIP
+    trainer as a ratio to Net1 on the same backbone and preset, all measured round-robin in this run."""
+    from .params import trainer_class
+    lines = []
+    for preset, backbone in BICLIP_BACKBONES.items():
+        setup = Setup(preset, torch.device(device))
+        _, cm0 = setup.managers()
+        names, train_fns, predict_fns = [], [], []
+        for name in BICLIP_TRAINERS:
+            trainer = trainer_class(name)
+            torch.manual_seed(0)
+            net, pm, cm, lm = build(trainer, setup)
+            names.append(name)
+            train_fns.append(train_step_fn(net, _input(net, setup, cm, cm0.batch_size), lm.num_segmentation_heads))
+            predict_fns.append(predict_fn(trainer, net, pm, cm, setup, (0,)))
+        train = interleaved(train_fns, repeats, setup.device)
+        predict = interleaved(predict_fns, predict_repeats, setup.device)
+        lines += ["", f"BiCLIP on {backbone} ({preset}: patch {'x'.join(map(str, cm0.patch_size))}, batch "
+                  f"{cm0.batch_size}; one case {'x'.join(map(str, setup.volume.shape[1:]))}, mirroring along the "
+                  "first axis; tiny stand-in encoders)", "",
+                  "| trainer | mode | train s/it | × Net1 | predict s/case | × Net1 |", "|---|---|---:|---:|---:|---:|"]
+        for name, t, p in zip(names, train, predict):
+            mode = "—" if name.endswith("Net1") else "online" if name.endswith("online") else "paper (offline)"
+            lines.append(f"| {name} | {mode} | {t:.3f} | {t / train[0]:.2f} | {p:.2f} | {p / predict[0]:.2f} |")
+    return lines
+
+
+def biclip_encoder_flops(case_shape: tuple[int, int, int] = SYNAPSE_CASE) -> list[str]:
+    """Analytic frozen-encoder FLOPs of BiCLIP (Net4) at the Synapse paper configuration, both modes: per training
+    step (a batch of patches) and per predicted case (nnU-Net's sliding window, step 0.5, mirroring on all three
+    axes), next to the network's own FLOPs."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    from .params import build_for_counting, count_built, count_plans, trainer_class
+    trainer = trainer_class("BiCLIPTrainer")
+    plans, name, dj = count_plans(trainer, "paper")
+    built = build_for_counting(trainer, plans, name, dj)
+    net, structures, cm, lm, n_in = built
+    network = count_built(trainer, *built).network_gflops * 1e9  # one patch, forward
+    patch, batch = tuple(cm.patch_size), cm.batch_size
+    steps = compute_steps_for_sliding_window(case_shape, patch, 0.5)
+    tiles, mirrors = int(np.prod([len(s) for s in steps])), 2 ** len(patch)
+    streams = cm.configuration["textguided"]["streams"]
+    rows = []
+    for st in streams:
+        enc = structures[st["encoder"]]
+        per_slice = enc.flops(st["method"], 1)
+        rows.append((st["name"], st["encoder"], per_slice * batch * patch[0], per_slice * tiles * mirrors * patch[0],
+                     per_slice * (case_shape[0] + 1)))
+    step_net, case_net = 3 * network * batch, network * tiles * mirrors  # backward ~ 2 forwards
+    t = lambda f: f"{f / 1e12:,.2f}"
+    lines = ["", f"Frozen-encoder TFLOPs of BiCLIPTrainer (Net4) at the Synapse paper configuration ({name}: patch "
+             f"{'x'.join(map(str, patch))}, batch {batch}); a case of {'x'.join(map(str, case_shape))} is "
+             f"{tiles} tiles x {mirrors} mirrors", "",
+             "| stream | encoder | online: per step | paper: per step | online: per case | paper: per case |",
+             "|---|---|---:|---:|---:|---:|"]
+    for stream, spec, online_step, online_case, paper_case in rows:
+        lines.append(f"| {stream} | `{spec}` | {t(online_step)} | 0 (read from the store) | {t(online_case)} | "
+                     f"{t(paper_case)} |")
+    total_step, total_case = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    paper_case = sum(r[4] for r in rows)
+    lines += [f"| network (trainable) | — | {t(step_net)} | {t(step_net)} | {t(case_net)} | {t(case_net)} |",
+              "", f"Encoders / network: online {total_step / step_net:.1f}x per step and {total_case / case_net:.1f}x "
+              f"per case; paper mode 0x per step (each training case's {case_shape[0] + 1} slice rows are extracted "
+              f"once) and {paper_case / case_net:.2f}x per case. CoCa's caption cost is a lower bound "
+              "(KV-cached generation; see encoders.structure)."]
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -354,7 +432,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--predict-repeats", type=int, default=3)
     p.add_argument("--batch", type=int, help="batch size (default: the preset's)")
+    p.add_argument("--biclip", action="store_true", help="BiCLIP only: every trainer as a ratio to Net1 on both "
+                   "backbones (tiny presets), and the analytic encoder FLOPs of both modes at the Synapse size")
     a = p.parse_args(argv)
+    if a.biclip:
+        print(f"Machine: {machine_description(torch.device(a.device))}; medians of {a.repeats} (train) / "
+              f"{a.predict_repeats} (predict) runs, interleaved")
+        print("\n".join(biclip_speed(a.device, a.repeats, a.predict_repeats) + biclip_encoder_flops()))
+        return 0
     from .params import trainer_class
     try:
         trainers = [trainer_class(t) for t in a.trainers] if a.trainers else default_trainers()
