@@ -42,7 +42,8 @@ def run_clean(env: dict, *cmd, check: bool = True) -> subprocess.CompletedProces
 
 def predict(env: dict, out: Path, check: bool = True) -> subprocess.CompletedProcess:
     raw = Path(env["nnUNet_raw"]) / PHANTOM_NAME
-    return run_clean(env, "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", out, "-d", PHANTOM_ID, "-c", CONFIG,
+    # BiCLIP Net4 trains the paper's offline mode: each test case's slices are embedded by the package's predictor
+    return run_clean(env, "nnUNetv2_predict_textguided", "-i", raw / "imagesTs", "-o", out, "-d", PHANTOM_ID, "-c", CONFIG,
                      "-f", 0, "-tr", TRAINER, "-device", "cpu", "-npp", 1, "-nps", 1, "--save_probabilities",
                      check=check)
 
@@ -119,7 +120,7 @@ def test_info_list_and_the_summary_describe_the_copied_folder(travelled):
         assert spec in out and rec["weight_hash"] in out
     assert "UNTRAINED ENCODERS:" in out and f"here: read from {travelled['root_b'] / 'coca'}" in out
     assert "parameters: trainable" in out and "training cases: 5" in out
-    assert (f"predict: nnUNetv2_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d {PHANTOM_NAME} -c {CONFIG} -tr {TRAINER} "
+    assert (f"predict: nnUNetv2_predict_textguided -i INPUT_FOLDER -o OUTPUT_FOLDER -d {PHANTOM_NAME} -c {CONFIG} -tr {TRAINER} "
             "-p nnUNetPlans -f 0") in out
     listed = run_clean(env, "nnunet-textguided", "list").stdout
     assert f"{PHANTOM_NAME}/{travelled['copy'].name}  [biclip]  UNTRAINED ENCODERS:" in listed
