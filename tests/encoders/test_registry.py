@@ -322,6 +322,29 @@ def test_coca_beam_search(tiny):
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(5))
 
 
+def test_coca_greedy_steps_are_coca_forwards_last_logits(tiny):
+    """Greedy captioning projects only the last position onto the vocabulary: its logits are CoCa.forward's last
+    ones for every prefix length, and the captions are those of the loop over CoCa.forward."""
+    enc = tiny["tiny-coca"]
+    m, x = enc.model, enc.preprocess_images(images(4))
+    with torch.no_grad():
+        latent, embs = m._encode_image(x)
+        for length in (1, 3, 7):
+            ids = torch.randint(1, 49000, (4, length))
+            ids[:, 0] = enc._sot
+            ref = m(x, ids, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
+            torch.testing.assert_close(enc.next_token_logits(ids, embs), ref)
+        out = torch.full((4, 1), enc._sot)
+        while out.shape[1] < enc.generation["seq_len"] - 1:  # the loop over CoCa.forward; the last token is eot
+            logits = m(x, out, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
+            if out.shape[1] < enc.generation["min_seq_len"]:
+                logits[:, enc._eot] = float("-inf")
+            out = torch.cat((out, logits.argmax(-1, keepdim=True)), 1)
+    assert not (out[:, 1:] == enc._eot).any()  # these random-weight captions run to full length
+    caps = [enc._decode(r) for r in out]
+    assert enc.generate_captions(images(4)) == caps
+
+
 def test_clip_dense_tokens_are_the_last_blocks_patch_tokens_in_the_joint_space(tiny, saved, offline):
     """TGC-Net's F_clip: every patch token of the last block through ln_post and the projection; the real loader
     (an open_clip local-dir saved from the tiny model) gives the same tokens."""
