@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import GlobalSelfAttentionBlock, SliceEmbeddingAdapter
@@ -88,9 +89,14 @@ class BiCLIPNetwork(ConditionedNetwork):
         clip = sum(self.adapters[n](embeddings[n].to(feat.dtype)) for n in self.stream_names)  # (B, D_b, C)
         if self.combine == "mean":
             clip = clip / len(self.stream_names)
-        clip_map = clip.transpose(1, 2)[..., None, None].expand(b, c, d, h, w)
-        tokens = torch.cat((feat, clip_map), 1).flatten(2).transpose(1, 2)  # (B, N, 2C)
-        tokens = self.fuse(tokens)
+        # fuse[0] maps concat(feat, clip broadcast over H x W) per voxel; its clip half is the same for every
+        # voxel of a bottleneck slice, so it runs once per slice and is added (the same function and parameters
+        # as the concatenation, without materialising it: half the first layer's work at (B, N, 2C))
+        first = self.fuse[0]
+        per_voxel = F.linear(feat.flatten(2).transpose(1, 2), first.weight[:, :c])  # (B, N, hidden)
+        per_slice = F.linear(clip, first.weight[:, c:], first.bias)  # (B, D_b, hidden)
+        hidden = (per_voxel.view(b, d, h * w, -1) + per_slice[:, :, None]).flatten(1, 2)
+        tokens = self.fuse[2](self.fuse[1](hidden))
         for block in self.attention:
             tokens = block(tokens)
         return tokens.transpose(1, 2).reshape(b, c, d, h, w)

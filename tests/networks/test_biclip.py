@@ -69,6 +69,30 @@ def test_conditioning_changes_the_output_and_gets_gradients():
     assert all(p.grad is not None for p in net.attention.parameters())
 
 
+def test_fusion_is_the_papers_concatenation_mlp():
+    """fuse_bottleneck runs the clip half of the first fusion layer once per bottleneck slice: the result and every
+    gradient equal the paper's form, MLP(concat(bottleneck features, CLIP map broadcast over H x W)) per voxel."""
+    net, cond = make_net()
+    net.double()  # float64: the two forms sum in different orders
+    torch.manual_seed(1)
+    feat = torch.randn(2, 64, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    _, emb = cond(torch.randn(2, 1, 16, 32, 32))
+    emb = {n: e.double() for n, e in emb.items()}
+    out = net.fuse_bottleneck(feat, emb)
+    grads = torch.autograd.grad(out.square().sum(), [feat, *net.fuse.parameters(), *net.adapters.parameters()])
+
+    clip = sum(net.adapters[n](emb[n]) for n in net.stream_names)  # (B, D_b, C)
+    clip_map = clip.transpose(1, 2)[..., None, None].expand_as(feat)
+    tokens = net.fuse(torch.cat((feat, clip_map), 1).flatten(2).transpose(1, 2))
+    for block in net.attention:
+        tokens = block(tokens)
+    ref = tokens.transpose(1, 2).reshape(feat.shape)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [feat, *net.fuse.parameters(), *net.adapters.parameters()])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 def test_conditioner_is_not_a_submodule():
     net, cond = make_net()
     cond.frozen = nn.Linear(3, 3)
