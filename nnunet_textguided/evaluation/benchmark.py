@@ -353,31 +353,82 @@ BICLIP_BACKBONES = {"3d_tiny": "nnU-Net's UNet", "3d_nnformer_tiny": "nnFormer"}
 SYNAPSE_CASE = (140, 512, 512)
 
 
+def step_flops(net: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one training forward + backward of ``net`` on ``x`` (torch's FlopCounterMode: matmuls,
+    convolutions, attention; frozen encoders inside forward included), the work behind a train s/it."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = net(x)
+        sum(o.float().sum() for o in (out if isinstance(out, (list, tuple)) else [out])).backward()
+    net.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def biclip_speed(device: str = "cpu", repeats: int = 5, predict_repeats: int = 3) -> list[str]:
     """Training step and prediction (nnUNetv2_predict_textguided's per-case extraction included) of every BiCLIP
-    trainer as a ratio to Net1 on the same backbone and preset, all measured round-robin in this run."""
+    trainer as a ratio to Net1 on the same backbone and preset, all measured round-robin in this run, with each
+    training step's FLOPs next to its time."""
     from .params import trainer_class
     lines = []
     for preset, backbone in BICLIP_BACKBONES.items():
         setup = Setup(preset, torch.device(device))
         _, cm0 = setup.managers()
-        names, train_fns, predict_fns = [], [], []
+        names, train_fns, predict_fns, flops = [], [], [], []
         for name in BICLIP_TRAINERS:
             trainer = trainer_class(name)
             torch.manual_seed(0)
             net, pm, cm, lm = build(trainer, setup)
             names.append(name)
-            train_fns.append(train_step_fn(net, _input(net, setup, cm, cm0.batch_size), lm.num_segmentation_heads))
+            x = _input(net, setup, cm, cm0.batch_size)
+            flops.append(step_flops(net, x))
+            train_fns.append(train_step_fn(net, x, lm.num_segmentation_heads))
             predict_fns.append(predict_fn(trainer, net, pm, cm, setup, (0,)))
         train = interleaved(train_fns, repeats, setup.device)
         predict = interleaved(predict_fns, predict_repeats, setup.device)
         lines += ["", f"BiCLIP on {backbone} ({preset}: patch {'x'.join(map(str, cm0.patch_size))}, batch "
                   f"{cm0.batch_size}; one case {'x'.join(map(str, setup.volume.shape[1:]))}, mirroring along the "
                   "first axis; tiny stand-in encoders)", "",
-                  "| trainer | mode | train s/it | × Net1 | predict s/case | × Net1 |", "|---|---|---:|---:|---:|---:|"]
-        for name, t, p in zip(names, train, predict):
+                  "| trainer | mode | train GFLOP/it | × Net1 | train s/it | × Net1 | predict s/case | × Net1 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, f, t, p in zip(names, flops, train, predict):
             mode = "—" if name.endswith("Net1") else "online" if name.endswith("online") else "paper (offline)"
-            lines.append(f"| {name} | {mode} | {t:.3f} | {t / train[0]:.2f} | {p:.2f} | {p / predict[0]:.2f} |")
+            lines.append(f"| {name} | {mode} | {f / 1e9:.2f} | {f / flops[0]:.3f} | {t:.3f} | {t / train[0]:.2f} | "
+                         f"{p:.2f} | {p / predict[0]:.2f} |")
+    return lines
+
+
+#: the paper-size configuration of each backbone (``--biclip --paper-size``)
+BICLIP_PAPER_SIZE = {"3d_biclip_paper": "nnU-Net's UNet", "3d_nnformer_synapse": "nnFormer"}
+
+
+def biclip_paper_size_speed(device: str = "cpu", repeats: int = 3, batch: int | None = None) -> list[str]:
+    """Paper-mode Net4 vs Net1 training step at the paper's patch and widths (both backbones). A paper-mode step
+    reads tables and never runs an encoder, so 768-d tables from stand-in encoders give the paper's work; batch 2
+    on CPU (a Synapse nnFormer patch holds ~4 GiB of activations), the preset's batch elsewhere."""
+    from .params import trainer_class
+    embed = {"image_encoder": "tiny-pmcclip?embed_dim=768", "caption_encoder": "tiny-coca?embed_dim=768"}
+    lines = ["", "BiCLIP paper mode at the paper size (768-d slice tables; the encoders never run in a paper-mode "
+             "step)", "", "| backbone | configuration | patch | batch | trainer | train GFLOP/it | × Net1 | train s/it "
+             "| × Net1 |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for preset, backbone in BICLIP_PAPER_SIZE.items():
+        setup = Setup(preset, torch.device(device))
+        setup.plans["configurations"][preset].setdefault("textguided", {})["biclip"] = dict(embed)
+        _, cm0 = setup.managers()
+        b = batch or (cm0.batch_size if setup.device.type == "cuda" else 2)
+        fns, flops = [], []
+        for name in ("BiCLIPTrainer_Net1", "BiCLIPTrainer"):
+            torch.manual_seed(0)
+            net, pm, cm, lm = build(trainer_class(name), setup)
+            x = _input(net, setup, cm, b)
+            flops.append(step_flops(net, x))
+            fns.append(train_step_fn(net, x, lm.num_segmentation_heads))
+        times = interleaved(fns, repeats, setup.device)
+        del fns
+        for name, f, t in zip(("BiCLIPTrainer_Net1", "BiCLIPTrainer"), flops, times):
+            lines.append(f"| {backbone} | {preset} | {'x'.join(map(str, cm0.patch_size))} | {b} | {name} | "
+                         f"{f / 1e9:,.0f} | {f / flops[0]:.3f} | {t:.2f} | {t / times[0]:.2f} |")
     return lines
 
 
@@ -434,11 +485,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, help="batch size (default: the preset's)")
     p.add_argument("--biclip", action="store_true", help="BiCLIP only: every trainer as a ratio to Net1 on both "
                    "backbones (tiny presets), and the analytic encoder FLOPs of both modes at the Synapse size")
+    p.add_argument("--paper-size", action="store_true", help="with --biclip: also paper-mode Net4 vs Net1 training "
+                   "steps at each backbone's paper-size configuration (CPU: ~10 min, 3 repeats)")
     a = p.parse_args(argv)
     if a.biclip:
         print(f"Machine: {machine_description(torch.device(a.device))}; medians of {a.repeats} (train) / "
               f"{a.predict_repeats} (predict) runs, interleaved")
-        print("\n".join(biclip_speed(a.device, a.repeats, a.predict_repeats) + biclip_encoder_flops()))
+        lines = biclip_speed(a.device, a.repeats, a.predict_repeats)
+        if a.paper_size:
+            lines += biclip_paper_size_speed(a.device, min(a.repeats, 3), a.batch)
+        print("\n".join(lines + biclip_encoder_flops()))
         return 0
     from .params import trainer_class
     try:

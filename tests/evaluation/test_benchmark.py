@@ -38,8 +38,13 @@ def test_biclip_comparison_prints_every_trainer_against_net1_and_the_encoder_flo
                 for line in table.splitlines() if line.startswith("| BiCLIP")}
         assert list(rows) == ["BiCLIPTrainer_Net1", "BiCLIPTrainer_Net2", "BiCLIPTrainer_Net3", "BiCLIPTrainer",
                               "BiCLIPTrainer_Net2_online", "BiCLIPTrainer_Net3_online", "BiCLIPTrainer_online"]
-        assert rows["BiCLIPTrainer_Net1"][2] == "1.00" and rows["BiCLIPTrainer_Net1"][4] == "1.00"
+        # columns: mode, GFLOP/it, x Net1, s/it, x Net1, predict s/case, x Net1
+        assert rows["BiCLIPTrainer_Net1"][2] == "1.000" and rows["BiCLIPTrainer_Net1"][4] == "1.00" \
+            and rows["BiCLIPTrainer_Net1"][6] == "1.00"
         assert rows["BiCLIPTrainer"][0] == "paper (offline)" and rows["BiCLIPTrainer_online"][0] == "online"
+        # the work of a step: paper mode adds only the fusion layers, online mode runs both encoders inside it
+        assert 1.0 < float(rows["BiCLIPTrainer"][2]) < 1.1 < float(rows["BiCLIPTrainer_online"][2])
+        assert float(rows["BiCLIPTrainer_Net2"][2]) <= float(rows["BiCLIPTrainer"][2])
     flops = r.stdout.split("Frozen-encoder TFLOPs")[1]
     assert "3d_nnformer_synapse: patch 64x128x128, batch 32" in flops
     rows = {line.split("|")[1].strip(): line for line in flops.splitlines() if line.startswith("| ")}
