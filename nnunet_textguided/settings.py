@@ -217,6 +217,8 @@ class BiCLIPSettings(CommonSettings):
 
 CDPDNET = "seed 002 (CDPDNet)"
 CDPDNET_IMPL = f"{CDPDNET} §IV-A2 Implementation Details"
+#: the authors' released code
+CDPDNET_CODE = "wujiong-hub/CDPDNet"
 
 
 @dataclass(frozen=True)
@@ -252,13 +254,23 @@ class CDPDNetSettings(CommonSettings):
     oversample_foreground: float = key(0.66, "share of patches centred on annotated foreground (per sample, at "
                                        "random)", "silent", f"{CDPDNET_IMPL}: patches drawn per dataset \"with equal "
                                        "probability\", foreground share not given", minimum=0, maximum=1)
-    epochs: int = key(1000, "training epochs", "silent (only the 50 warm-up epochs; the code: 1000)", CDPDNET_IMPL,
+    balanced_sampling: bool = key(True, "draw each training patch's source dataset with equal probability, then a "
+                                  "case of it uniformly (else nnU-Net's uniform draw over cases)",
+                                  "on: \"a uniform sampling strategy was utilized to extract patches from each "
+                                  "dataset with equal probability\"", CDPDNET_IMPL)
+    epochs: int = key(1000, "training epochs", "silent (only the 50 warm-up epochs; the code: 1000, "
+                      f"{CDPDNET_CODE} train.py, --max_epoch)", CDPDNET_IMPL,
                       minimum=1)
-    optimizer: Literal["sgd", "adam", "adamw"] = key(
-        "sgd", "optimiser", "AdamW, momentum 0.9, linear warm-up 50 epochs then cosine (lr and weight decay lost in "
-        "the seed text; the code: 4e-4, 1e-5)", CDPDNET_IMPL,
-        ours="nnU-Net's SGD + poly until the paper's protocol is the default (--set optimizer=adamw lr=4e-4 "
-             "weight_decay=1e-5 momentum=0.9 lr_schedule=cosine warmup_epochs=50 gives it)")
+    optimizer: Literal["sgd", "adam", "adamw"] = key("adamw", "optimiser", "AdamW", CDPDNET_IMPL)
+    lr: float = key(4e-4, "initial learning rate", "lost in the seed text (\"an initial learning rate of ,\"); the "
+                    f"code: 4e-4 ({CDPDNET_CODE} train.py, --lr)", CDPDNET_IMPL, above=0)
+    momentum: float = key(0.9, "AdamW's beta1 (beta2 0.999)", "0.9", CDPDNET_IMPL, minimum=0, maximum=0.9999)
+    weight_decay: float = key(1e-5, "decoupled weight decay", "lost in the seed text (\"a weight decay of ,\"); the "
+                              f"code: 1e-5 ({CDPDNET_CODE} train.py, --weight_decay)", CDPDNET_IMPL, minimum=0)
+    lr_schedule: Literal["poly", "cosine"] = key("cosine", "schedule after the warm-up", "cosine annealing",
+                                                 CDPDNET_IMPL)
+    warmup_epochs: int = key(50, "epochs of linear warm-up to lr (epoch e runs at lr (e + 1) / 50)", "50",
+                             CDPDNET_IMPL, minimum=0)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ REFERRING_ID = 993
 PARTIAL_IDS = (994, 995)
 UNIVERSAL_ID = 996
 UNIVERSAL_NAME = f"Dataset{UNIVERSAL_ID}_TestUniversal"
+#: the same two partial-label phantom sources at 10 : 1 training cases, and their merge
+UNBALANCED_IDS, UNBALANCED_ID = (987, 988), 989
 BIN = Path(sys.executable).parent
 
 
@@ -77,6 +79,26 @@ def universal_dataset() -> Path:
             "--verify_dataset_integrity")
     run_cmd("nnunet-textguided", "add-config", "-d", UNIVERSAL_ID, "3d_tiny")
     return raw / UNIVERSAL_NAME
+
+
+@pytest.fixture(scope="session")
+def unbalanced_universal_dataset() -> Path:
+    """A universal dataset merged from a 10-case liver + spleen source and a 1-case kidneys source, planned and
+    preprocessed by stock nnU-Net, with 3d_tiny."""
+    import json
+
+    from nnunet_textguided.data.synthetic import make_partial_phantom_datasets
+    raw = Path(os.environ["nnUNet_raw"])
+    small, = make_partial_phantom_datasets(raw, datasets={UNBALANCED_IDS[1]: ("PhantomKidneysFew", ["right kidney",
+                                                                                                   "left kidney"])},
+                                           n_train=1, n_test=1, shape=(16, 32, 32), seed=4)
+    make_partial_phantom_datasets(raw, datasets={UNBALANCED_IDS[0]: ("PhantomLiverSpleenMany", ["liver", "spleen"])},
+                                  n_train=10, n_test=1, shape=(16, 32, 32), seed=3)
+    assert json.loads((small / "dataset.json").read_text())["numTraining"] == 1
+    run_cmd("nnunet-textguided", "merge", "-d", *UNBALANCED_IDS, "-o", UNBALANCED_ID, "--name", "TestUnbalanced")
+    run_cmd("nnUNetv2_plan_and_preprocess", "-d", UNBALANCED_ID, "-c", "3d_fullres", "-np", "2")
+    run_cmd("nnunet-textguided", "add-config", "-d", UNBALANCED_ID, "3d_tiny")
+    return raw / f"Dataset{UNBALANCED_ID}_TestUnbalanced"
 
 
 def pytest_sessionfinish(session, exitstatus):

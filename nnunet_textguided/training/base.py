@@ -439,6 +439,10 @@ def short_schedule(base: type, epochs: int, iterations: int, val_iterations: int
     fixes epochs, iterations and (if given) the mirrored axes."""
     name = f"{base.__name__}_{epochs}epochs"
     fixed = {"epochs": epochs, "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations}
+    # a warm-up keeps its share of the schedule (CDPDNet: 50 of 1000 epochs -> 2 of 40), rather than filling it
+    full = settings_schema.resolve(base.textguided_method, {}, base.own_settings(), base.__name__)
+    if full.warmup_epochs:
+        fixed["warmup_epochs"] = round(full.warmup_epochs * epochs / full.epochs)
     if mirror_axes is not None:
         fixed["mirror_axes"] = tuple(mirror_axes)
     attrs = {"variant_settings": fixed, "schedule_of": base, "__module__": module or base.__module__,

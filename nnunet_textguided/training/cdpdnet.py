@@ -10,6 +10,9 @@ tasks (source datasets) with the labels each annotates, and every case's task.
 | CDPDNetTrainer_Baseline        |     |     |     |  (CNN encoder + decoder: the paper's baseline)
 | CDPDNetTrainer_CLIPEVA / _DINO / _TTPG / _CLIPEVA_DINO / _CLIPEVA_TTPG / _DINO_TTPG  (Table V)
 
+Optimiser: the paper's AdamW (lr 4e-4, weight decay 1e-5, beta1 0.9) with a 50-epoch linear warm-up and cosine
+annealing, stepped per epoch; ``CDPDNetTrainer_nnUNetSGD`` trains the same network with nnU-Net's SGD + poly.
+
 Training: each sample's loss covers only the labels annotated in its source dataset (BCE + soft Dice,
 ``losses.partial``), and its own task prompt is selected (per sample). Label and task prompts are embedded
 once with the text encoder when the network is built and kept as buffers (in the checkpoint). DINOv2 runs
@@ -42,6 +45,7 @@ from ..losses.partial import PartialLabelLoss
 from ..networks.cdpdnet import CDPDNet
 from .. import settings as settings_schema
 from .base import TextGuidedTrainer, register_network_builder, short_schedule
+from .sampling import dataloaders_with_sampling, describe_probabilities, group_balanced_probabilities
 
 #: what the paper leaves open, as settings (see METHODS.md / README):
 #: - DINOv2 sees each slice resized to 98 px (7 x 7 tokens), [0, 1] without ImageNet normalisation, rendered
@@ -259,6 +263,23 @@ class CDPDNetTrainer(TextGuidedTrainer):
                 + "\n".join(shown) + "\nFix: fix the label map and rerun `nnunet-textguided merge` and "
                 "`nnUNetv2_plan_and_preprocess`, or declare the label in the source dataset.json" + declare + ".")
 
+    def source_of(self, case: str) -> str:
+        """The source dataset a case was merged from (its task's, named by the merge)."""
+        t = self.universal.task_of(case)
+        return self.universal.sources[t] or self.universal.tasks[t][0]
+
+    def get_dataloaders(self):
+        if not self.settings.balanced_sampling:
+            return super().get_dataloaders()
+
+        def probabilities(identifiers: list[str]):
+            p = group_balanced_probabilities(identifiers, self.source_of)
+            self.print_to_log_file("dataset-balanced sampling (each source dataset drawn with equal probability, a "
+                                   "case of it uniformly; balanced_sampling=false for nnU-Net's uniform draw):\n  "
+                                   + "\n  ".join(describe_probabilities(identifiers, self.source_of, p)))
+            return p
+        return dataloaders_with_sampling(super().get_dataloaders, probabilities)
+
     def _do_i_compile(self):
         return False  # the network switches tasks between calls (per batch / per label routing)
 
@@ -336,12 +357,21 @@ ABLATION_TRAINERS = [
           "__doc__": f"CDPDNet ablation (Table V): CLIP-EVA {'on' if a else 'off'}, DINOv2 {'on' if d else 'off'}, "
                      f"TTPG {'on' if t else 'off'}."})
     for name, (a, d, t) in _SWITCHES.items()]
-BASE_TRAINERS = [CDPDNetTrainer] + ABLATION_TRAINERS
+
+class CDPDNetTrainer_nnUNetSGD(CDPDNetTrainer):
+    """CDPDNet with nnU-Net's optimiser and schedule instead of the paper's AdamW + warm-up cosine (ours, for the
+    comparison): SGD with Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5, poly, no warm-up."""
+
+    variant_settings = {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.99, "weight_decay": 3e-5,
+                        "lr_schedule": "poly", "warmup_epochs": 0}
+
+
+BASE_TRAINERS = [CDPDNetTrainer] + ABLATION_TRAINERS + [CDPDNetTrainer_nnUNetSGD]
 # short schedules: _2epochs for smoke tests, _40epochs for the demo; CDPDNetTrainer_15epochs (15 x 50 = 750
 # iterations) for the end-to-end test: on the 16x32x32 phantom merge every organ is segmented by then, while
 # 500 iterations left the spleen at Dice ~0.05 in one of three runs
 SHORT_TRAINERS = [short_schedule(t, e, it, vit) for t in BASE_TRAINERS for e, it, vit in ((2, 4, 2), (40, 25, 4))]
-SHORT_TRAINERS.append(short_schedule(CDPDNetTrainer, 15, 50, 2))
+SHORT_TRAINERS += [short_schedule(t, 15, 50, 2) for t in (CDPDNetTrainer, CDPDNetTrainer_nnUNetSGD)]
 ALL_TRAINERS = BASE_TRAINERS + SHORT_TRAINERS
 globals().update({t.__name__: t for t in ALL_TRAINERS})
 __all__ = [t.__name__ for t in ALL_TRAINERS]

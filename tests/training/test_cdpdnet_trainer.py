@@ -47,6 +47,31 @@ def test_settings_prompts_and_frozen_dino(trainer):
     assert not trainer.enable_deep_supervision
 
 
+def test_paper_optimiser_and_warm_up_cosine_schedule(trainer):
+    """AdamW (beta1 0.9, weight decay 1e-5), lr 4e-4, linear warm-up over 50 of 1000 epochs, then cosine to 0,
+    stepped per epoch like nnU-Net's schedule; nnU-Net's SGD + poly one trainer name away."""
+    from conftest import UNIVERSAL_ID
+    opt, sched = trainer.optimizer, trainer.lr_scheduler
+    assert type(opt) is torch.optim.AdamW and trainer.num_epochs == 1000
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 1e-5
+    expected = {0: 4e-4 / 50, 24: 4e-4 * 25 / 50, 49: 4e-4, 50: 4e-4, 525: 2e-4, 999: 0.5 * 4e-4 * (1 + np.cos(
+        np.pi * 949 / 950))}
+    for epoch, lr in expected.items():
+        sched.step(epoch)
+        assert group["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-12), epoch
+    assert expected[999] < 2e-9
+    sched.step(0)
+    short = build_trainer(str(UNIVERSAL_ID), "3d_tiny", "CDPDNetTrainer_40epochs", for_extraction=False)
+    short.initialize()
+    assert short.settings.warmup_epochs == 2  # the warm-up keeps its share of a short schedule
+    sgd = build_trainer(str(UNIVERSAL_ID), "3d_tiny", "CDPDNetTrainer_nnUNetSGD", for_extraction=False)
+    sgd.initialize()
+    assert type(sgd.optimizer) is torch.optim.SGD and sgd.optimizer.param_groups[0]["momentum"] == 0.99
+    sgd.lr_scheduler.step(500)
+    assert sgd.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * (1 - 500 / 1000) ** 0.9)
+
+
 def test_unannotated_labels_of_a_sample_get_zero_gradient_in_a_train_step(trainer):
     keys = ["D994_phantom_000", "D995_phantom_001"]  # liver + spleen annotated, then the two kidneys
     tasks, annotated = trainer._batch_partial(keys)
