@@ -59,6 +59,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json_or_yaml(path: str | os.PathLike):
+    """The content of a JSON file, or of a YAML file (.yaml / .yml). FileNotFoundError when it is missing,
+    ValueError with the parser's message when it cannot be parsed."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the file's
+        raise ValueError(f"{p} cannot be read: {type(e).__name__}: {e}") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
 

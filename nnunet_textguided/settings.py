@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .io import read_json_or_yaml
+
 #: the weights root: encoder weights and start weights named by relative paths live under it
 WEIGHTS_ROOT_VARIABLE = "nnUNet_textguided_weights"
 ENV_PREFIX = "nnUNet_textguided_"
@@ -598,17 +600,10 @@ def read_settings_file(path: str | os.PathLike, method: str | None) -> tuple[str
     """A settings file (JSON, or YAML for .yaml / .yml): ``{key: value}`` for the chosen method, or ``{method:
     {key: value}}``. Returns (method, values)."""
     p = Path(path)
-    if not p.is_file():
-        raise SettingsError(f"settings file {p} not found")
-    text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error is the file's
-        raise SettingsError(f"settings file {p} cannot be read: {type(e).__name__}: {e}") from None
+        data = read_json_or_yaml(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SettingsError(f"settings file {e}") from None
     if isinstance(data, dict) and len(data) == 1 and next(iter(data)) in SCHEMAS and \
             isinstance(next(iter(data.values())), dict):
         file_method = next(iter(data))

@@ -48,13 +48,17 @@ Metadata (dataset.json key ``textguided_universal``, read back with :func:`load_
      "codes": {name: code},
      "part_of": {part: parent},
      "tasks": [{"name": "LiverSpleen", "source": "Dataset011_LiverSpleen", "labels": [annotated labels]}],
-     "cases": {"D011_case_000": {"task": "LiverSpleen", "source_case": "case_000", "split": "Tr"}},
+     "cases": {"D011_case_000": {"source": "Dataset011_LiverSpleen", "tasks": ["LiverSpleen"],
+                                 "source_case": "case_000", "split": "Tr"}},
      "default_task": "auto" | task name,
      "organ_prompt": "A computerized tomography of a {label}.",
      "task_prompt": "A task of segmenting {labels} in computerized tomography."}
 
-    A case's annotated labels are its task's labels; the loss of every other channel is masked. The task
-    name is the source dataset name without its ``DatasetXXX_`` prefix. ``default_task`` "auto" leaves the
+    A source dataset has one task named after it (without its ``DatasetXXX_`` prefix) annotating all its labels,
+    or the tasks a ``--tasks`` file gives it ({"DatasetXXX_Name": {"task name": [labels]}}: an MSD-style
+    dataset with an organ task and a tumour task). A case's own tasks are its source's; its annotated labels
+    are theirs, and the loss of every other channel is masked (merges of earlier versions record one "task"
+    per case, read the same way). ``default_task`` "auto" leaves the
     choice of the task prompt at inference to the predictor.
 
 Files
@@ -80,7 +84,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..io import atomic_write_json, staged_dataset_folder
+from ..io import atomic_write_json, read_json_or_yaml, staged_dataset_folder
 
 __all__ = [
     "BUILTIN_SYNONYMS",
@@ -159,6 +163,26 @@ def normalise_label_name(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # metadata helpers (imported by the universal trainer)
 # ----------------------------------------------------------------------------------------------------------
+def route_labels(task_labels: list[list[str]], labels: list[str], wanted: list[str] | None = None,
+                 preferred: int | None = None) -> list[int]:
+    """For each label, the task whose prompt predicts it: greedy set cover of ``wanted`` (default: all labels)
+    by the tasks' annotated label sets (the task covering most uncovered labels first, lower index on ties;
+    the ``preferred`` task — merge's ``--default-task`` — first for the labels it annotates). Labels that are
+    not wanted, or annotated nowhere, go to the first chosen task."""
+    todo = [l for l in (wanted or labels) if any(l in t for t in task_labels)]
+    assign: dict[str, int] = {}
+    if preferred is not None:
+        assign = {l: preferred for l in todo if l in task_labels[preferred]}
+        todo = [l for l in todo if l not in assign]
+    while todo:
+        best = max(range(len(task_labels)), key=lambda t: (sum(l in task_labels[t] for l in todo), -t))
+        for l in [l for l in todo if l in task_labels[best]]:
+            assign[l] = best
+        todo = [l for l in todo if l not in assign]
+    first = min(assign.values(), default=0)
+    return [assign.get(l, first) for l in labels]
+
+
 @dataclass
 class UniversalInfo:
     """The ``textguided_universal`` block of a merged dataset.json (see the module docstring)."""
@@ -199,19 +223,47 @@ class UniversalInfo:
                            f"({len(self.cases)} cases); was the dataset changed after `nnunet-textguided merge`? "
                            "Re-run the merge.") from None
 
+    def tasks_of(self, case_id: str) -> list[int]:
+        """Indices (into :attr:`tasks`) of the case's own tasks: every task of the source dataset it came from."""
+        meta = self._case(case_id)
+        if "tasks" in meta:
+            return [self.task_index(t) for t in meta["tasks"]]
+        return [self.task_index(meta["task"])]  # merges before several tasks per source: one task per source
+
     def task_of(self, case_id: str) -> int:
-        """Index (into :attr:`tasks`) of the source dataset the case came from."""
-        return self.task_index(self._case(case_id)["task"])
+        """The case's first task (its only one unless its source has several)."""
+        return self.tasks_of(case_id)[0]
+
+    def source_of(self, case_id: str) -> str:
+        """The source dataset the case was merged from."""
+        meta = self._case(case_id)
+        t = self.task_of(case_id)
+        return meta.get("source") or self.sources[t] or self.tasks[t][0]
+
+    def labels_of(self, case_id: str) -> list[str]:
+        """The labels the case's source annotates (the union of its tasks' labels), in channel order."""
+        annotated = {label for t in self.tasks_of(case_id) for label in self.tasks[t][1]}
+        return [label for label in self.labels if label in annotated]
 
     def scored_regions(self, regions: list, file_ending: str) -> dict[str, list]:
         """{case file name: the regions (channel order) annotated in its source}: what evaluation may score."""
         return {f"{case}{file_ending}": [r for r, a in zip(regions, self.annotated_mask(case)) if a]
                 for case in self.cases}
 
-    def annotated_mask(self, case_id: str) -> list[bool]:
-        """Per output channel: is this label annotated in the case's source dataset?"""
-        annotated = set(self.tasks[self.task_of(case_id)][1])
+    def annotated_mask(self, case_id: str, task: int | None = None) -> list[bool]:
+        """Per output channel: is this label annotated in the case's source dataset (or in its task ``task``)?"""
+        annotated = set(self.labels_of(case_id) if task is None else self.tasks[task][1])
         return [label in annotated for label in self.labels]
+
+    def case_label_tasks(self, case_id: str, routing: list[int]) -> list[int]:
+        """Per output channel, the task whose prompt predicts it for this case: each label the case's source
+        annotates under one of the case's own tasks (the fewest covering them), every other label as ``routing``
+        (the model's routing for cases of unknown origin)."""
+        own = self.tasks_of(case_id)
+        task_labels = [self.tasks[t][1] for t in own]
+        mine = self.labels_of(case_id)
+        within = route_labels(task_labels, self.labels, mine)
+        return [own[within[k]] if label in mine else routing[k] for k, label in enumerate(self.labels)]
 
 
 def _missing_metadata_error() -> ValueError:
@@ -604,10 +656,12 @@ def universal_dataset_json(order: list[str], part_of: dict[str, str], tasks: lis
 def merge_datasets(sources: Sequence[int | str], output_id: int, name: str, raw_root=None,
                    synonyms: dict | None = None, organ_prompt: str = DEFAULT_ORGAN_PROMPT,
                    task_prompt: str = DEFAULT_TASK_PROMPT, default_task: str = "auto",
-                   overwrite: bool = False, verbose: bool = True) -> Path:
+                   overwrite: bool = False, verbose: bool = True, tasks: dict | None = None) -> Path:
     """Merge the nnU-Net raw datasets ``sources`` into ``raw_root/DatasetXXX_name`` and return its path.
 
-    ``raw_root`` defaults to ``$nnUNet_raw``. ``synonyms`` is the parsed ``--synonyms`` JSON. Prints the label
+    ``raw_root`` defaults to ``$nnUNet_raw``. ``synonyms`` is the parsed ``--synonyms`` JSON. ``tasks`` is the parsed
+    ``--tasks`` file, {source dataset: {task name: [labels]}}: a source listed there has those tasks, any other
+    source one task with all its labels. Prints the label
     mapping when ``verbose``. Raises ValueError / FileNotFoundError / FileExistsError with messages that name
     the offending file and the fix. See the module docstring for the layout.
     """
@@ -631,12 +685,6 @@ def merge_datasets(sources: Sequence[int | str], output_id: int, name: str, raw_
         raise ValueError(f"two sources share a dataset id: {names}")
     if out_name in names or output_id in {s.dataset_id for s in srcs}:
         raise ValueError(f"the output {out_name} would replace/shadow a source dataset ({names}); pick another id")
-    task_names = [s.task for s in srcs]
-    if len(set(task_names)) != len(task_names):
-        raise ValueError(f"two sources have the same name after the DatasetXXX_ prefix ({names}); task names must "
-                         "be unique: rename one of the source datasets")
-    if default_task != "auto" and default_task not in task_names:
-        raise ValueError(f"--default-task {default_task!r} is not one of the tasks {task_names} (or 'auto')")
 
     # ---- compatibility ---------------------------------------------------------------------------------------
     ref = srcs[0]
@@ -687,10 +735,19 @@ def merge_datasets(sources: Sequence[int | str], output_id: int, name: str, raw_
         mapping.append(m)
     part_of = _part_of(order, voc)
     labels, codes, regions = label_regions(order, part_of)
+    source_tasks = _source_tasks(srcs, mapping, voc, tasks or {}, labels)
+    task_names = [t for per in source_tasks for t, _ in per]
+    if len(set(task_names)) != len(task_names):
+        raise ValueError(f"two tasks have the same name ({task_names}); task names must be unique: rename a task in "
+                         "the --tasks file, or rename one of the source datasets (a source's one task is named "
+                         "after it, without the DatasetXXX_ prefix)")
+    if default_task != "auto" and default_task not in task_names:
+        raise ValueError(f"--default-task {default_task!r} is not one of the tasks {task_names} (or 'auto')")
     if verbose:
         print(f"Merging {len(srcs)} datasets into {raw_root / out_name}")
-        for s, m in zip(srcs, mapping):
-            print(f"{s.name} (task {s.task}):")
+        for s, m, per in zip(srcs, mapping, source_tasks):
+            print(f"{s.name} (task{'s' if len(per) > 1 else ''} "
+                  + "; ".join(f"{t}: {', '.join(ls)}" if len(per) > 1 else t for t, ls in per) + "):")
             for label_name, code, text in s.labels:
                 via = f" [{text!r}]" if text != label_name else ""
                 print(f"  {code:3d} {label_name}{via} -> {m[code]} ({codes[m[code]]})")
@@ -704,7 +761,7 @@ def merge_datasets(sources: Sequence[int | str], output_id: int, name: str, raw_
     with staged_dataset_folder(raw_root, output_id, out_name, overwrite) as staging:
         for sub in ("imagesTr", "labelsTr"):
             (staging / sub).mkdir()
-        for s, m in zip(srcs, mapping):
+        for s, m, per in zip(srcs, mapping, source_tasks):
             lut = {0: 0, **{code: codes[u] for code, u in m.items()}}
             tr = _training_cases(s, num_channels)
             if not tr:
@@ -731,11 +788,11 @@ def merge_datasets(sources: Sequence[int | str], output_id: int, name: str, raw_
                 if new in cases_meta:
                     raise ValueError(f"{s.folder}: case {case!r} is both a training (imagesTr) and a test case "
                                      "(imagesTs); rename one of them")
-                cases_meta[new] = {"task": s.task, "source_case": case, "split": split}
+                cases_meta[new] = {"source": s.name, "tasks": [t for t, _ in per], "source_case": case,
+                                   "split": split}
                 num_training += split == "Tr"
-        tasks = [{"name": s.task, "source": s.name, "labels": [u for u in labels if u in m.values()]}
-                 for s, m in zip(srcs, mapping)]
-        dj = universal_dataset_json(order, part_of, tasks, channels, fe, out_name, cases_meta, default_task,
+        task_list = [{"name": t, "source": s.name, "labels": ls} for s, per in zip(srcs, source_tasks) for t, ls in per]
+        dj = universal_dataset_json(order, part_of, task_list, channels, fe, out_name, cases_meta, default_task,
                                     organ_prompt, task_prompt, num_training,
                                     f"Universal partially labelled dataset merged by `nnunet-textguided merge` "
                                     f"from {names}.", synonyms)
@@ -743,9 +800,64 @@ def merge_datasets(sources: Sequence[int | str], output_id: int, name: str, raw_
             dj["overwrite_image_reader_writer"] = rw_names.pop()
         atomic_write_json(staging / "dataset.json", dj, sort_keys=False)  # key order = channel order
     if verbose:
-        print(f"{raw_root / out_name}: {len(labels)} labels, {len(srcs)} tasks, {num_training} training cases, "
+        print(f"{raw_root / out_name}: {len(labels)} labels, {len(task_names)} tasks, {num_training} training cases, "
               f"{len(cases_meta) - num_training} test cases")
     return raw_root / out_name
+
+
+def _source_tasks(srcs: list[_Source], mapping: list[dict[int, str]], voc: _Vocabulary, tasks: dict,
+                  labels: list[str]) -> list[list[tuple[str, list[str]]]]:
+    """Per source, its tasks [(name, unified labels in channel order)]: from the --tasks file where it lists the
+    source (by DatasetXXX_Name, id or Name), else one task named after the source with all its labels."""
+    keys = {}
+    for key in tasks:
+        hit = [s for s in srcs if str(key) in (s.name, str(s.dataset_id), f"{s.dataset_id:03d}", s.task)]
+        if not hit:
+            raise ValueError(f"--tasks names the source {key!r}, which is not merged here (sources: "
+                             f"{[s.name for s in srcs]})")
+        if hit[0].name in keys:
+            raise ValueError(f"--tasks lists the source {hit[0].name} twice ({keys[hit[0].name]!r} and {key!r})")
+        keys[hit[0].name] = key
+    out = []
+    for s, m in zip(srcs, mapping):
+        own = [u for u in labels if u in m.values()]
+        if s.name not in keys:
+            out.append([(s.task, own)])
+            continue
+        key = keys[s.name]
+        spec = tasks[key]
+        if not isinstance(spec, dict) or not spec:
+            raise ValueError(f"--tasks: {key!r} must map task names to label lists, e.g. "
+                             f'{{"{key}": {{"organs": ["liver"], "tumours": ["liver tumor"]}}}}')
+        by_name = {name.lower(): m[code] for name, code, _ in s.labels}
+        per = []
+        for task, names in spec.items():
+            if not isinstance(names, list) or not names:
+                raise ValueError(f"--tasks: task {task!r} of {s.name} must list its labels (a non-empty list)")
+            unified = []
+            for name in names:
+                u = by_name.get(str(name).lower()) or voc.canonical(str(name), s)
+                if u not in own:
+                    raise ValueError(f"--tasks: task {task!r} of {s.name} lists {name!r}, which {s.json_path} does "
+                                     f"not annotate (its labels: {own})")
+                unified.append(u)
+            per.append((str(task), [u for u in labels if u in unified]))
+        missing = [u for u in own if not any(u in ls for _, ls in per)]
+        if missing:
+            raise ValueError(f"--tasks: the labels {missing} of {s.name} are in none of its tasks, so they would "
+                             "never be trained; add them to a task")
+        out.append(per)
+    return out
+
+
+def _load_tasks(path: str) -> dict:
+    try:
+        data = read_json_or_yaml(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"--tasks: {e}; expected " + '{"DatasetXXX_Name": {"task name": ["label", ...], ...}}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'--tasks {path}: expected an object {{"DatasetXXX_Name": {{"task name": ["label", ...]}}}}')
+    return data
 
 
 def _load_synonyms(path: str) -> dict:
@@ -783,13 +895,17 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"per-label prompt template with {{label}} (default: {DEFAULT_ORGAN_PROMPT!r})")
     p.add_argument("--task-prompt", default=DEFAULT_TASK_PROMPT,
                    help=f"per-task prompt template with {{labels}} (default: {DEFAULT_TASK_PROMPT!r})")
+    p.add_argument("--tasks", default=None, metavar="FILE.json|yaml",
+                   help='several tasks per source dataset: {"DatasetXXX_Name": {"task name": ["label", ...], ...}} '
+                   "(a source not listed has one task with all its labels)")
     p.add_argument("--default-task", default="auto", help="task used at inference unless told: 'auto' or a task name")
     p.add_argument("--overwrite", action="store_true", help="replace an existing merged dataset")
     a = p.parse_args(argv)
     try:
         synonyms = _load_synonyms(a.synonyms) if a.synonyms else None
+        tasks = _load_tasks(a.tasks) if a.tasks else None
         merge_datasets(a.d, a.o, a.name, raw_root=a.raw, synonyms=synonyms, organ_prompt=a.organ_prompt,
-                       task_prompt=a.task_prompt, default_task=a.default_task, overwrite=a.overwrite)
+                       task_prompt=a.task_prompt, default_task=a.default_task, overwrite=a.overwrite, tasks=tasks)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"nnunet-textguided merge: error: {e}", file=sys.stderr)
         return 2

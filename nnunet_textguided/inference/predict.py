@@ -287,7 +287,7 @@ class TextGuidedPredictor(nnUNetPredictor):
                       threshold: float = DEFAULT_THRESHOLD, margin: float = DEFAULT_MARGIN,
                       encoder: str = DEFAULT_LABEL_ENCODER) -> dict:
         """Route a universal model's labels to tasks and pick the labels to write (see module docstring)."""
-        from ..training.cdpdnet import route_labels
+        from ..data.merge import route_labels
         settings = self.configuration_manager.configuration.get("textguided", {})
         net = getattr(self.network, "_orig_mod", self.network)
         if "task_labels" not in settings or not hasattr(net, "set_label_tasks"):

@@ -419,6 +419,30 @@ class TextGuidedTrainer(nnUNetTrainer):
         return rot, dummy2d, initial, mirror_axes
 
 
+class CaseLoadHookDatasetClass:
+    """Stands in for nnU-Net's dataset class during validation: ``load_case(k)`` also calls ``on_load(k)`` (nnU-Net
+    loads each validation case just before its sliding window: a case's note or task routing is set there)."""
+
+    def __init__(self, base_class, on_load):
+        self.base_class, self.on_load = base_class, on_load
+
+    def __call__(self, *args, **kwargs):
+        dataset = self.base_class(*args, **kwargs)
+        load = dataset.load_case
+
+        def load_case(key):
+            out = load(key)
+            self.on_load(key)
+            return out
+        dataset.load_case = load_case
+        return dataset
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "base_class" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.base_class, name)
+
+
 def changed_settings(saved: dict, current: dict) -> dict[str, tuple]:
     """{key: (saved, current)} of two resolved blocks, encoder records apart; the settings compared key by key."""
     out = {}

@@ -40,11 +40,14 @@ from torch import autocast
 
 from ..conditioning.dense import DenseSliceConditioner
 from ..conditioning.slices import get_encoder, window_from_plans
-from ..data.merge import load_universal
+from ..data.merge import load_universal, route_labels
 from ..losses.partial import PartialLabelLoss
 from ..networks.cdpdnet import CDPDNet
 from .. import settings as settings_schema
-from .base import TextGuidedTrainer, register_network_builder, short_schedule
+from batchgenerators.utilities.file_and_folder_operations import join
+
+from ..io import atomic_path, atomic_write_json
+from .base import CaseLoadHookDatasetClass, TextGuidedTrainer, register_network_builder, short_schedule
 from .sampling import dataloaders_with_sampling, describe_probabilities, group_balanced_probabilities
 
 #: what the paper leaves open, as settings (see METHODS.md / README):
@@ -83,26 +86,6 @@ def _preprocessed_seg_file(folder: str, case: str) -> str:
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     return os.path.join(folder, f"{case}_seg.b2nd")
-
-
-def route_labels(task_labels: list[list[str]], labels: list[str], wanted: list[str] | None = None,
-                 preferred: int | None = None) -> list[int]:
-    """For each label, the task whose prompt predicts it: greedy set cover of ``wanted`` (default: all labels)
-    by the tasks' annotated label sets (the task covering most uncovered labels first, lower index on ties;
-    the ``preferred`` task — merge's ``--default-task`` — first for the labels it annotates). Labels that are
-    not wanted, or annotated nowhere, go to the first chosen task."""
-    todo = [l for l in (wanted or labels) if any(l in t for t in task_labels)]
-    assign: dict[str, int] = {}
-    if preferred is not None:
-        assign = {l: preferred for l in todo if l in task_labels[preferred]}
-        todo = [l for l in todo if l not in assign]
-    while todo:
-        best = max(range(len(task_labels)), key=lambda t: (sum(l in task_labels[t] for l in todo), -t))
-        for l in [l for l in todo if l in task_labels[best]]:
-            assign[l] = best
-        todo = [l for l in todo if l not in assign]
-    first = min(assign.values(), default=0)
-    return [assign.get(l, first) for l in labels]
 
 
 def fused_stages(n_stages: int) -> list[int]:
@@ -233,7 +216,8 @@ class CDPDNetTrainer(TextGuidedTrainer):
         bad, sources = [], {}
         for case in cases:
             t = u.task_of(case)
-            task, annotated = u.tasks[t]
+            task = " + ".join(u.tasks[i][0] for i in u.tasks_of(case))
+            annotated = u.labels_of(case)
             allowed = base | {u.codes[label] for label in annotated}
             values = label_values(data.load_case(case)[1])
             foreign = [v for v in values if v not in allowed]
@@ -264,9 +248,8 @@ class CDPDNetTrainer(TextGuidedTrainer):
                 "`nnUNetv2_plan_and_preprocess`, or declare the label in the source dataset.json" + declare + ".")
 
     def source_of(self, case: str) -> str:
-        """The source dataset a case was merged from (its task's, named by the merge)."""
-        t = self.universal.task_of(case)
-        return self.universal.sources[t] or self.universal.tasks[t][0]
+        """The source dataset a case was merged from."""
+        return self.universal.source_of(case)
 
     def get_dataloaders(self):
         if not self.settings.balanced_sampling:
@@ -293,8 +276,12 @@ class CDPDNetTrainer(TextGuidedTrainer):
             raise KeyError(f"case {missing[0]} is not in dataset.json's textguided_universal.cases: the "
                            "preprocessed data does not come from this merged dataset; re-run "
                            "`nnunet-textguided merge` and nnUNetv2_plan_and_preprocess")
-        tasks = torch.tensor([self.universal.task_of(k) for k in keys], device=self.device)
-        annotated = torch.tensor([self.universal.annotated_mask(k) for k in keys], device=self.device)
+        # each sample is trained under one of its own tasks (its source's only task unless the merge gave the source
+        # several: then one at random, and the loss covers that task's labels, the ones its prompt names)
+        drawn = [int(np.random.choice(self.universal.tasks_of(k))) for k in keys]
+        tasks = torch.tensor(drawn, device=self.device)
+        annotated = torch.tensor([self.universal.annotated_mask(k, t) for k, t in zip(keys, drawn)],
+                                 device=self.device)
         return tasks, annotated
 
     def train_step(self, batch: dict) -> dict:
@@ -328,6 +315,64 @@ class CDPDNetTrainer(TextGuidedTrainer):
         fp = (pred & ~ref & m).sum(axes).cpu().numpy()
         fn = (~pred & ref & m).sum(axes).cpu().numpy()
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation with each case predicted under its own tasks: the routing is set when nnU-Net loads
+        the case (just before its sliding window) and written to validation/task_routing.json."""
+        net, u = self.bare_network(), self.universal
+        model_routing = list(self.textguided["label_tasks"])
+        routing: dict[str, dict[str, str]] = {}
+
+        def route(case: str) -> None:
+            assignment = u.case_label_tasks(case, model_routing)
+            net.set_label_tasks(assignment)
+            routing[case] = {label: u.tasks[t][0] for label, t in zip(u.labels, assignment)
+                             if label in u.labels_of(case)}
+
+        base = self.dataset_class
+        self.dataset_class = CaseLoadHookDatasetClass(base, route)
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = base
+            net.set_label_tasks(model_routing)
+        if self.local_rank == 0:
+            atomic_write_json(join(self.output_folder, "validation", "task_routing.json"),
+                              {"rule": "each validation case: every label its source dataset annotates predicted "
+                                       "under the case's own task that annotates it (the label -> task map below); "
+                                       "other labels are not scored", "cases": routing})
+
+    def write_extended_summary(self, folder: str) -> dict:
+        """The extended summary plus the mean Dice of each label per source dataset and per task."""
+        metrics = super().write_extended_summary(folder)
+        u, fe = self.universal, self.dataset_json["file_ending"]
+        regions = {str(tuple(r) if isinstance(r, (list, tuple)) else r): label
+                   for label, r in zip(u.labels, self.label_manager.foreground_regions)}
+        groups: dict[str, dict[str, dict[str, list]]] = {"per_source": {}, "per_task": {}}
+        for case in metrics["metric_per_case"]:
+            name = os.path.basename(case["reference_file"])[:-len(fe)]
+            if name not in u.cases:
+                continue
+            for region, values in case["metrics"].items():
+                label = regions.get(str(region))
+                dice = values.get("Dice")
+                if label is None or dice is None or np.isnan(dice):
+                    continue
+                groups["per_source"].setdefault(u.source_of(name), {}).setdefault(label, []).append(dice)
+                for t in u.tasks_of(name):
+                    if label in u.tasks[t][1]:
+                        groups["per_task"].setdefault(u.tasks[t][0], {}).setdefault(label, []).append(dice)
+        dice_tables = {kind: {g: {label: float(np.mean(v)) for label, v in per.items()} for g, per in table.items()}
+                       for kind, table in groups.items()}
+        for kind, table in dice_tables.items():
+            for g, per in table.items():
+                self.print_to_log_file(f"Validation Dice, {kind.replace('per_', '')} {g}: " + ", ".join(
+                    f"{label} {d:.4f}" for label, d in per.items()) + f" (mean {np.mean(list(per.values())):.4f})")
+        metrics["textguided_universal_dice"] = dice_tables
+        from nnunetv2.evaluation.evaluate_predictions import save_summary_json
+        with atomic_path(join(folder, "summary.json"), suffix=".json") as tmp:
+            save_summary_json(metrics, tmp)
+        return metrics
 
     def validation_case_regions(self) -> dict[str, list]:
         """Validation cases are scored only on the labels their source dataset annotates."""

@@ -29,7 +29,7 @@ from ..conditioning.notes import NoteConditioner, NoteError, note_path, note_sha
     unpack_note, warn_truncated_notes
 from ..conditioning.store import EmbeddingStore, extract_command
 from ..conditioning.slices import get_encoder
-from .base import TextGuidedTrainer, check_and_record_encoders
+from .base import CaseLoadHookDatasetClass, TextGuidedTrainer, check_and_record_encoders
 
 MAX_ROTATION = 15.0 / 180.0 * np.pi
 
@@ -195,32 +195,9 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         """nnU-Net's validation, with each case's note set when nnU-Net loads the case (just before its
         sliding window)."""
         base = self.dataset_class
-        self.dataset_class = _NoteSettingDatasetClass(base, lambda k: self.set_case_notes([k]))
+        self.dataset_class = CaseLoadHookDatasetClass(base, lambda k: self.set_case_notes([k]))
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
             self.dataset_class = base
             self.note_conditioner().set_notes(None)
-
-
-class _NoteSettingDatasetClass:
-    """Stands in for nnU-Net's dataset class during validation: ``load_case(k)`` also sets case k's note."""
-
-    def __init__(self, base_class, on_load):
-        self.base_class, self.on_load = base_class, on_load
-
-    def __call__(self, *args, **kwargs):
-        dataset = self.base_class(*args, **kwargs)
-        load = dataset.load_case
-
-        def load_case(key):
-            out = load(key)
-            self.on_load(key)
-            return out
-        dataset.load_case = load_case
-        return dataset
-
-    def __getattr__(self, name):
-        if name.startswith("__") or "base_class" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.base_class, name)

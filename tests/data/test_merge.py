@@ -123,7 +123,8 @@ def test_files_labels_and_case_metadata(merged):
         for split, cases in splits.items():
             for case, seg in cases.items():
                 new = f"D{sid:03d}_{case}"
-                expected_cases[new] = {"task": src.name.split("_", 1)[1], "source_case": case, "split": split}
+                expected_cases[new] = {"source": src.name, "tasks": [src.name.split("_", 1)[1]], "source_case": case,
+                                       "split": split}
                 got, sp, org = _read(folder / f"labels{split}" / f"{new}.nii.gz")
                 want = np.vectorize(luts[sid].get)(seg)
                 assert got.dtype == np.uint8 and np.array_equal(got, want), new
@@ -255,3 +256,40 @@ def test_existing_output_refused_unless_overwrite_and_unknown_default_task(tmp_p
     with pytest.raises(ValueError, match=r"'Nope'.*\['A', 'B'\]"):
         merge_datasets([61, 62], 601, "N", raw_root=tmp_path, default_task="Nope", verbose=False)
     assert not (tmp_path / "Dataset601_N").exists()
+
+
+def test_a_task_file_gives_a_source_several_tasks(merged, tmp_path, capsys):
+    """--tasks: an MSD-style source with an organ task and a tumour task; its cases' own tasks are both, the other
+    source keeps its one task; routing a case's labels stays within its own tasks."""
+    root, _, _, _ = merged
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text("Dataset021_LiTSLike:\n  Liver: [liver]\n  LiverTumour: [liver tumour]\n")
+    from nnunet_textguided.data.merge import main
+    assert main(["-d", "21", "22", "-o", "301", "--name", "TwoTasks", "--raw", str(root), "--tasks", str(spec)]) == 0
+    assert "tasks Liver: liver; LiverTumour: liver tumor" in capsys.readouterr().out
+    u = load_universal(root / "Dataset301_TwoTasks" / "dataset.json")
+    assert u.tasks == [("Liver", ["liver"]), ("LiverTumour", ["liver tumor"]), ("Abdomen", ["spleen", "left kidney"])]
+    assert u.sources == ["Dataset021_LiTSLike", "Dataset021_LiTSLike", "Dataset022_Abdomen"]
+    assert u.tasks_of("D021_case_000") == [0, 1] and u.tasks_of("D022_case_000") == [2]
+    assert u.source_of("D021_case_000") == "Dataset021_LiTSLike"
+    assert u.labels_of("D021_case_000") == ["liver", "liver tumor"]
+    assert u.annotated_mask("D021_case_000") == [True, False, False, True]
+    assert u.annotated_mask("D021_case_000", task=1) == [False, False, False, True]
+    # labels: liver, spleen, left kidney, liver tumor; the model's own routing for cases of unknown origin: 2
+    assert u.case_label_tasks("D021_case_000", [2, 2, 2, 2]) == [0, 2, 2, 1]
+    assert u.case_label_tasks("D022_case_000", [0, 2, 2, 1]) == [0, 2, 2, 1]
+    assert u.task_prompts()[1] == "A task of segmenting liver tumor in computerized tomography."
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"Dataset021_LiTSLike": {"Liver": ["liver"]}}, "are in none of its tasks"),
+    ({"21": {"Liver": ["liver", "spleen"]}}, "does not annotate"),
+    ({"Dataset099_Nope": {"Liver": ["liver"]}}, "not merged here"),
+    ({"LiTSLike": {"Abdomen": ["liver", "liver tumor"]}}, "task names must be unique"),
+    ({"LiTSLike": {"Liver": []}}, "non-empty list"),
+])
+def test_bad_task_files_write_nothing(merged, spec, match):
+    root, _, _, _ = merged
+    with pytest.raises(ValueError, match=match):
+        merge_datasets([21, 22], 302, "Bad", raw_root=root, tasks=spec, verbose=False)
+    assert not list(root.glob("Dataset302_*"))

@@ -125,7 +125,7 @@ def test_resume_restores_training_only_weights_and_refuses_changed_settings(trai
 
 
 def test_final_validation_gives_each_case_its_own_note(trainer):
-    from nnunet_textguided.training.notes import _NoteSettingDatasetClass
+    from nnunet_textguided.training.base import CaseLoadHookDatasetClass
     seen = {}
 
     class FakeDataset:
@@ -139,7 +139,7 @@ def test_final_validation_gives_each_case_its_own_note(trainer):
         trainer.set_case_notes([key])
         seen[key] = trainer.note_conditioner().tokens[0].clone()
 
-    dataset = _NoteSettingDatasetClass(FakeDataset, on_load)("folder", ["referring_002", "referring_005"])
+    dataset = CaseLoadHookDatasetClass(FakeDataset, on_load)("folder", ["referring_002", "referring_005"])
     for k in dataset.identifiers:
         assert dataset.load_case(k) == k
         assert torch.equal(trainer.note_conditioner().tokens[0], unpack_note(trainer.note_store().load(k))[0])
