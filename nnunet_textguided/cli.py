@@ -210,6 +210,8 @@ _DELEGATED = {
     "merge": (".data.merge:main", "merge partially labelled raw datasets into one universal dataset"),
     "partial-phantoms": (".data.synthetic:partial_phantoms_main", "generate two partially labelled phantom datasets"),
     "info": (".evaluation.info:main", "describe a model folder: settings, encoders, parameters, predict command"),
+    "evaluate-universal": (".evaluation.universal:main", "a universal model on each source dataset's own test set: "
+                           "one summary per source, a label x dataset Dice table"),
     "pretrain-ppe": (".training.ppe_pretrain:main", "MPTPN stage 1: SimSiam-pretrain the prior prompt encoder on image-caption pairs"),
     "convert-lvit": (".data.lvit:main", "convert an LViT-format dataset (QaTa-COV19, MosMedData+, MoNuSeg) to nnU-Net raw 2D with notes"),
 }

@@ -135,3 +135,26 @@ def test_validation_scores_each_case_on_its_annotated_labels(trained_universal):
             scored = dice_value is not None and not np.isnan(dice_value)
             assert scored == (o in OWN[sid]), (case["prediction_file"], o)
     assert not np.isnan(summary["foreground_mean"]["Dice"])
+
+
+def test_evaluate_universal_scores_each_source_dataset_on_its_own_test_set(trained_universal, tmp_path):
+    """One command: each source's imagesTs predicted under its own task, written in the source's own codes,
+    scored against its labelsTs (one nnU-Net summary per source) and tabulated label x dataset."""
+    out = tmp_path / "eval"
+    r = run_cmd("nnunet-textguided", "evaluate-universal", "-d", UNIVERSAL_ID, "-c", CONFIG, "-tr", TRAINER,
+                "-f", 0, "-o", out, "-device", "cpu", "--disable_tta")
+    sources = [next(RAW.glob(f"Dataset{sid:03d}_*")) for sid in PARTIAL_IDS]
+    assert "task 'PhantomLiverSpleen' predicts liver, spleen" in r.stdout
+    table = json.loads((out / "table.json").read_text())["dice"]
+    assert set(table) == set(ORGANS)
+    for src in sources:
+        own = json.loads((src / "dataset.json").read_text())["labels"]
+        summary = json.loads((out / src.name / "summary.json").read_text())
+        assert len(summary["metric_per_case"]) == 2  # the source's two test cases
+        for label, code in own.items():
+            if code:
+                assert table[label] == {src.name: pytest.approx(summary["mean"][str(code)]["Dice"])}
+        # the written maps hold only the source's own codes
+        for case in summary["metric_per_case"]:
+            assert set(np.unique(read(case["prediction_file"]))) <= set(own.values())
+    assert "| left kidney |  | " in (out / "table.md").read_text()  # liver + spleen source: empty cell

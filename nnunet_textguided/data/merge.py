@@ -860,6 +860,15 @@ def _load_tasks(path: str) -> dict:
     return data
 
 
+def source_label_codes(raw_root, source: str, dataset_json: dict) -> dict[int, str]:
+    """{code in the source dataset's own label maps: unified label} as the merge mapped them (the synonyms it
+    used are recorded in the merged dataset.json)."""
+    meta = dataset_json.get(METADATA_KEY) or {}
+    src = _load_source(Path(raw_root), source)
+    voc = _Vocabulary(meta.get("synonyms") or None)
+    return {code: voc.canonical(text, src) for _, code, text in src.labels}
+
+
 def _load_synonyms(path: str) -> dict:
     p = Path(path)
     if not p.is_file():

@@ -322,6 +322,9 @@ class TextGuidedPredictor(nnUNetPredictor):
         else:
             wanted = asked or list(vocab)
             routing = route_labels(task_labels, vocab, wanted)
+            print(f"{PROG}: the input cases' source datasets are unknown here: each label goes to a task that "
+                  "annotated it (the fewest tasks covering the labels; --task NAME chooses one, and "
+                  "`nnunet-textguided evaluate-universal` predicts a source's test set under its own tasks)")
         net.set_label_tasks(routing)
         for t in sorted({routing[vocab.index(l)] for l in wanted}):
             print(f"{PROG}: task '{tasks[t]}' predicts " + ", ".join(l for l in wanted if routing[vocab.index(l)] == t))
