@@ -34,6 +34,7 @@ import os
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import join
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
@@ -44,8 +45,6 @@ from ..data.merge import load_universal, route_labels
 from ..losses.partial import PartialLabelLoss
 from ..networks.cdpdnet import CDPDNet
 from .. import settings as settings_schema
-from batchgenerators.utilities.file_and_folder_operations import join
-
 from ..io import atomic_path, atomic_write_json
 from .base import CaseLoadHookDatasetClass, TextGuidedTrainer, register_network_builder, short_schedule
 from .sampling import dataloaders_with_sampling, describe_probabilities, group_balanced_probabilities
@@ -321,26 +320,26 @@ class CDPDNetTrainer(TextGuidedTrainer):
         the case (just before its sliding window) and written to validation/task_routing.json."""
         net, u = self.bare_network(), self.universal
         model_routing = list(self.textguided["label_tasks"])
-        routing: dict[str, dict[str, str]] = {}
-
-        def route(case: str) -> None:
-            assignment = u.case_label_tasks(case, model_routing)
-            net.set_label_tasks(assignment)
-            routing[case] = {label: u.tasks[t][0] for label, t in zip(u.labels, assignment)
-                             if label in u.labels_of(case)}
-
         base = self.dataset_class
-        self.dataset_class = CaseLoadHookDatasetClass(base, route)
+        self.dataset_class = CaseLoadHookDatasetClass(
+            base, lambda case: net.set_label_tasks(u.case_label_tasks(case, model_routing)))
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
             self.dataset_class = base
             net.set_label_tasks(model_routing)
-        if self.local_rank == 0:
+        if self.local_rank == 0:  # every validation case (under DDP each rank predicted a share of them)
             atomic_write_json(join(self.output_folder, "validation", "task_routing.json"),
                               {"rule": "each validation case: every label its source dataset annotates predicted "
                                        "under the case's own task that annotates it (the label -> task map below); "
-                                       "other labels are not scored", "cases": routing})
+                                       "other labels are not scored",
+                               "cases": {case: self.case_routing(case) for case in sorted(self.do_split()[1])}})
+
+    def case_routing(self, case: str) -> dict[str, str]:
+        """{label the case's source annotates: the task that predicts it for this case}."""
+        u = self.universal
+        assignment = u.case_label_tasks(case, list(self.textguided["label_tasks"]))
+        return {label: u.tasks[t][0] for label, t in zip(u.labels, assignment) if label in u.labels_of(case)}
 
     def write_extended_summary(self, folder: str) -> dict:
         """The extended summary plus the mean Dice of each label per source dataset and per task."""
@@ -359,9 +358,9 @@ class CDPDNetTrainer(TextGuidedTrainer):
                 if label is None or dice is None or np.isnan(dice):
                     continue
                 groups["per_source"].setdefault(u.source_of(name), {}).setdefault(label, []).append(dice)
-                for t in u.tasks_of(name):
-                    if label in u.tasks[t][1]:
-                        groups["per_task"].setdefault(u.tasks[t][0], {}).setdefault(label, []).append(dice)
+                task = self.case_routing(name).get(label)  # the task that predicted it
+                if task is not None:
+                    groups["per_task"].setdefault(task, {}).setdefault(label, []).append(dice)
         dice_tables = {kind: {g: {label: float(np.mean(v)) for label, v in per.items()} for g, per in table.items()}
                        for kind, table in groups.items()}
         for kind, table in dice_tables.items():
