@@ -17,6 +17,8 @@
               generate the synthetic 2D referring dataset (the note names which object is the target)
   text-dependence
               Dice of trained models with true vs shuffled notes (does the model use the text?)
+  ablation    the paper's ablation rows of a method (trainer + settings + the paper's figures); with -d -c -o
+              trains and scores any subset into one table
   merge       merge partially labelled raw datasets into one universal dataset (unified label vocabulary,
               one sigmoid channel per label, per-case task metadata) for CDPDNet-style training
   partial-phantoms
@@ -207,6 +209,8 @@ _DELEGATED = {
     "preview": (".evaluation.overlay:main", "PNG panels of a prediction folder"),
     "referring-dataset": (".data.referring:main", "generate the synthetic 2D referring dataset"),
     "text-dependence": (".evaluation.text_dependence:main", "Dice with true vs shuffled notes"),
+    "ablation": (".evaluation.ablations:main", "list a paper's ablation rows (trainer + settings), or train and score "
+                 "some of them into one table"),
     "merge": (".data.merge:main", "merge partially labelled raw datasets into one universal dataset"),
     "partial-phantoms": (".data.synthetic:partial_phantoms_main", "generate two partially labelled phantom datasets"),
     "info": (".evaluation.info:main", "describe a model folder: settings, encoders, parameters, predict command"),

@@ -308,6 +308,29 @@ class RecLMISSettings(NoteSettings):
     ci_image_reads: Literal["text", "text_ci"] = key(
         "text", "what the image attends to in CI: the note tokens (the paper's equations) or the text after its "
         "own interaction (the authors' code)", "text", f"{RECLMIS} §III-B1 Conditioned Interaction")
+    use_ci: bool = key(True, "the conditioned interaction (false: Table III (e), UNet + PLAM without text)", "CI",
+                       f"{RECLMIS} Table III")
+    conditions: tuple[Literal["ccl", "clr", "cvr"], ...] = key(
+        ("ccl", "clr", "cvr"), "modules that use the interest weights W_poi / W_woi (a module left out uses "
+        "uniform weights)", "all three", f"{RECLMIS} Table IV, §IV-D2")
+    ci_attention: Literal["cross", "self"] = key(
+        "cross", "CI's attention: cross-attention (image queries, text keys) or one self-attention over the "
+        "concatenated image and text tokens", "cross", f"{RECLMIS} Table V, §IV-D5")
+    reconstruction_attention: Literal["cross", "self"] = key(
+        "cross", "CVR / CLR attention: cross-attention to the other modality, or one self-attention reconstructor "
+        "(masked image and text tokens as queries, both unmasked as keys and values)", "cross",
+        f"{RECLMIS} Table V, §IV-D5")
+    mask_strategy: Literal["interest", "random"] = key(
+        "interest", "how masked patches / words are drawn: with probabilities W (interest) or uniformly (random)",
+        "interest", f"{RECLMIS} §III-C, §IV-D3, Fig. 7")
+    augmentation: Literal["paper", "nnunet"] = key(
+        "paper", "training augmentation: the paper's Gaussian blur, contrast, saturation and hue distortions (the "
+        "authors' ranges; no spatial transform) or nnU-Net's pipeline (as every note-guided trainer: no mirroring, "
+        "rotations within ±15°)", "blur, contrast, saturation, hue", f"{RECLMIS_IMPL}")
+    condition_placement: Literal["logits", "probabilities"] = key(
+        "logits", "where the condition W enters the reconstructors' attention: on the logits inside the softmax (the "
+        "paper's equations) or on the attention probabilities, renormalised (the authors' code, gauss_weight)",
+        "softmax((Q K^T / sqrt(D)) ⊙ W)", f"{RECLMIS} §III-C Eq. 7, §III-D Eq. 9")
     num_heads: int = key(4, "attention heads of CI and the reconstructors", "silent",
                          f"{RECLMIS} §III-B1: Eq. 1 is written single-headed (the code: 4)", minimum=1)
     dropout: float = key(0.1, "dropout of CI and the reconstructors", "silent", f"{RECLMIS} §III-B (the code: 0.1)",

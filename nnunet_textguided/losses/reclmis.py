@@ -11,7 +11,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conditioned_similarity", "conditioned_contrastive_loss", "weighted_reconstruction_loss"]
+__all__ = ["conditioned_similarity", "conditioned_contrastive_loss", "weighted_reconstruction_loss",
+           "reclmis_objective", "OBJECTIVE_TERMS"]
+
+#: eq. 11's terms, weight name -> what it weighs: L = λ1 L_V2T + λ2 L_T2V + λ3 L_CCL + λ4 (L_Dice + L_CE)
+OBJECTIVE_TERMS = {"clr": "λ1, L_V2T (CLR: vision to text)", "cvr": "λ2, L_T2V (CVR: text to vision)",
+                   "ccl": "λ3, L_CCL", "seg": "λ4, L_Dice + L_CE"}
+
+
+def reclmis_objective(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Eq. 11 of seed 004, the one place its factors meet: sum over ``terms`` of weights[name] * term.
+
+    terms: "seg" = L_Dice + L_CE unscaled (nnU-Net's DC_and_CE_loss with both weights 1), and any of "clr"
+    (L_V2T), "cvr" (L_T2V), "ccl" (L_CCL); a term whose weight is 0 must be left out (never computed).
+    weights: λ1..λ4 under the names of :data:`OBJECTIVE_TERMS` (the paper: clr 1, cvr 1, ccl 0.2, seg 5).
+    """
+    unknown = set(terms) - set(OBJECTIVE_TERMS)
+    if unknown or "seg" not in terms:
+        raise ValueError(f"RecLMIS objective terms must include 'seg' and be among {list(OBJECTIVE_TERMS)}; got "
+                         f"{sorted(terms)}")
+    return sum(float(weights[name]) * value for name, value in terms.items())
 
 
 def _valid_tokens(text_mask: torch.Tensor | None, shape, device) -> torch.Tensor:

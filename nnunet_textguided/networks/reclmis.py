@@ -38,10 +38,12 @@ What the authors' code does where the paper is silent (kept here):
   attention. Both self-attentions are causal (the decoder's future mask): this is the only positional signal
   the reconstructor gets — masked items are all-zero queries and no position embedding is added — so it is kept
   (``causal=True``).
-- Conditioned attention (eq. 7 / 9, the code's ``gauss_weight``): A = softmax(Q K^T / sqrt(d_h)) * (W + 1e-10),
-  renormalised by its row sum. Since softmax(s)_j (W_j + eps) / sum_k softmax(s)_k (W_k + eps) = exp(s_j +
-  log(W_j + eps)) / sum_k exp(s_k + log(W_k + eps)), it is SDPA with the additive mask log(W + 1e-10)
-  (``conditioned_attention``); padded tokens and the causal future are -inf.
+- Conditioned attention: the paper's eq. 7 / 9 is A = softmax((Q K^T / sqrt(D)) ⊙ W), W over the keys,
+  broadcast over the queries; since (q k_j^T) w_j = q (w_j k_j)^T it is SDPA on keys scaled by W
+  (``conditioned_attention``, ``condition_placement="logits"``, the default). The authors' code (``gauss_weight``)
+  multiplies after the softmax instead: A = softmax(Q K^T / sqrt(d_h)) * (W + 1e-10), renormalised, i.e. SDPA
+  with the additive mask log(W + 1e-10) (``condition_placement="probabilities"``, kept because the paper's numbers
+  come from that code). Padded tokens and the causal future are -inf either way.
 
 Deviations from the authors' code, by choice:
 - Padding: token states at mask False are zeroed before the text Conv1d (its 3-tap window would otherwise mix
@@ -171,26 +173,41 @@ class ConditionedInteraction(nn.Module):
       reaches the decoder through attention weights. On the synthetic referring dataset (500 images, 2d_tiny,
       3000 iterations) this variant sat at the vision-only Dice (~0.49) for 7 of 12 epochs and reached 0.65
       with true notes (0.24 shuffled); the paper's variant left it after 2 epochs and reached 0.99 (0.00).
+
+    ``attention="self"`` (Table V's "Self-Attn" CI): one MHA over the concatenation [V_emb; E] (padded tokens
+    excluded as keys); its image part is V', its text part E' (so E' is computed here, as with "text_ci").
     """
 
     def __init__(self, dim: int, grid: tuple[int, int], num_heads: int = 4, dropout: float = 0.1,
-                 image_reads: str = "text"):
+                 image_reads: str = "text", attention: str = "cross"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"bottleneck width {dim} is not divisible by num_heads {num_heads}")
         if image_reads not in ("text", "text_ci"):
             raise ValueError(f"image_reads must be 'text' (the paper) or 'text_ci' (the authors' code), "
                              f"got {image_reads!r}")
-        self.grid, self.image_reads = tuple(grid), image_reads
+        if attention not in ("cross", "self"):
+            raise ValueError(f"CI attention must be 'cross' (the paper) or 'self' (Table V), got {attention!r}")
+        self.grid, self.image_reads, self.attention = tuple(grid), image_reads, attention
         self.embed = nn.Conv2d(dim, dim, kernel_size=1)
         self.position = nn.Parameter(torch.zeros(1, math.prod(self.grid), dim))
         self.dropout = nn.Dropout(dropout)
         self.text_attention = (nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-                               if image_reads == "text_ci" else None)
+                               if image_reads == "text_ci" and attention == "cross" else None)
         self.image_attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+
+    @property
+    def computes_text_ci(self) -> bool:
+        """Whether forward returns E' (else E' is training-only, in ``RecLMISAuxiliary``)."""
+        return self.attention == "self" or self.text_attention is not None
 
     def forward(self, bottleneck: torch.Tensor, text: torch.Tensor, mask: torch.Tensor):
         v = self.dropout(self.embed(bottleneck).flatten(2).transpose(1, 2) + self.position)
+        if self.attention == "self":
+            joint = torch.cat([v, text], 1)
+            pad = torch.cat([torch.zeros_like(v[..., 0], dtype=torch.bool), ~_nonempty(mask)], 1)
+            out = self.image_attention(joint, joint, joint, key_padding_mask=pad, need_weights=False)[0]
+            return v, out[:, v.shape[1]:], out[:, :v.shape[1]]
         text_ci = None if self.text_attention is None else self.text_attention(text, v, v, need_weights=False)[0]
         keys = text if text_ci is None else text_ci
         image_ci = self.image_attention(v, keys, keys, key_padding_mask=~_nonempty(mask), need_weights=False)[0]
@@ -212,6 +229,9 @@ class RecLMIS(ConditionedNetwork):
         num_heads, dropout: CI's heads and dropout (embedding and attention).
         image_reads: "text" (the paper: V' attends to E) or "text_ci" (the authors' code: to E'); see
             ``ConditionedInteraction``.
+        ci_attention: "cross" (the paper) or "self" (Table V: one self-attention over [V_emb; E]).
+        use_ci: False builds Table III's row (e), the UNet + PLAM baseline without text: no text Conv1d, no CI;
+            the bottleneck goes straight to the decoder and the note is not read by the network.
 
     ``forward(x)`` is what nnU-Net calls: the conditioner (``set_conditioner``) supplies ``{"tokens", "mask"}``.
     """
@@ -221,7 +241,7 @@ class RecLMIS(ConditionedNetwork):
                  features: Sequence[int] = (64, 128, 256, 512, 512),
                  strides: Sequence[int | Sequence[int]] = (1, 2, 2, 2, 2),
                  patch_size: Sequence[int] = (224, 224), num_heads: int = 4, dropout: float = 0.1,
-                 image_reads: str = "text"):
+                 image_reads: str = "text", use_ci: bool = True, ci_attention: str = "cross"):
         super().__init__()
         features = [int(f) for f in features]
         if len(features) < 2:
@@ -241,8 +261,10 @@ class RecLMIS(ConditionedNetwork):
         self.grid = tuple(p // t for p, t in zip(patch, total))
 
         self.encoder = LViTEncoder(in_channels, features, strides)
-        self.text_proj = nn.Conv1d(text_dim, features[-1], kernel_size=3, padding=1)
-        self.interaction = ConditionedInteraction(features[-1], self.grid, num_heads, dropout, image_reads)
+        self.use_ci = bool(use_ci)
+        self.text_proj = nn.Conv1d(text_dim, features[-1], kernel_size=3, padding=1) if use_ci else None
+        self.interaction = (ConditionedInteraction(features[-1], self.grid, num_heads, dropout, image_reads,
+                                                   ci_attention) if use_ci else None)
         self.decoder = RecLMISDecoder(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,6 +293,10 @@ class RecLMIS(ConditionedNetwork):
             raise ValueError(f"RecLMIS was built for patches of {self.patch_size} (bottleneck {self.grid}, the "
                              f"grid of its position embedding); got input {tuple(x.shape[2:])} -> "
                              f"{tuple(bottleneck.shape[2:])}")
+        if not self.use_ci:  # Table III (e): no text at all
+            logits = self.decoder(bottleneck, skips[:-1])
+            return logits, {"text": None, "text_ci": None, "image": bottleneck.flatten(2).transpose(1, 2),
+                            "image_emb": None, "image_ci": None, "tokens": tokens, "mask": mask}
         # zero the padding first: the Conv1d's 3-tap window would carry it into the neighbouring real tokens
         states = tokens.to(self.text_proj.weight.dtype) * mask[..., None]
         text = self.text_proj(states.transpose(1, 2)).transpose(1, 2)
@@ -285,7 +311,7 @@ class RecLMIS(ConditionedNetwork):
         """Parameters per part (the breakdown in the module docstring)."""
         parts = {"encoder": self.encoder, "text_proj": self.text_proj, "interaction": self.interaction,
                  "decoder": self.decoder}
-        return {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+        return {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items() if m is not None}
 
 
 # ---------------------------------------------------------------------------------------------------- training-only
@@ -298,11 +324,12 @@ class ConditionedDecoderLayer(nn.Module):
     x = LN(x + Drop(Linear(ReLU(Linear(x)))))            FFN d -> ffn_dim -> d
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, cross_attention: bool):
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, cross_attention: bool,
+                 placement: str = "logits"):
         super().__init__()
-        self.self_attn = ConditionedAttention(dim, num_heads)
+        self.self_attn = ConditionedAttention(dim, num_heads, placement)
         self.self_norm = nn.LayerNorm(dim)
-        self.cross_attn = ConditionedAttention(dim, num_heads) if cross_attention else None
+        self.cross_attn = ConditionedAttention(dim, num_heads, placement) if cross_attention else None
         self.cross_norm = nn.LayerNorm(dim) if cross_attention else None
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, dim))
         self.ffn_norm = nn.LayerNorm(dim)
@@ -323,17 +350,18 @@ class ConditionedReconstructor(nn.Module):
     context encoder: ``layers`` layers of W-conditioned self-attention + FFN over C (their decoder1);
     reconstructor: ``layers`` layers of self-attention over X_m, W-conditioned cross-attention to the encoded C,
     FFN (their decoder2). ``out_dim`` != d adds a final Linear(d -> out_dim) (CLR with a text width D != d).
+    ``placement``: W inside the softmax, on the logits (eq. 7 / 9) or on the probabilities (the authors' code).
     """
 
     def __init__(self, dim: int, num_heads: int = 4, layers: int = 3, ffn_dim: int = 1024, dropout: float = 0.1,
-                 out_dim: int | None = None, causal: bool = True):
+                 out_dim: int | None = None, causal: bool = True, placement: str = "logits"):
         super().__init__()
         if layers < 1:
             raise ValueError(f"a conditioned reconstructor needs at least 1 layer, got {layers}")
         self.causal = bool(causal)
-        self.context_layers = nn.ModuleList(ConditionedDecoderLayer(dim, num_heads, ffn_dim, dropout, False)
+        self.context_layers = nn.ModuleList(ConditionedDecoderLayer(dim, num_heads, ffn_dim, dropout, False, placement)
                                             for _ in range(layers))
-        self.query_layers = nn.ModuleList(ConditionedDecoderLayer(dim, num_heads, ffn_dim, dropout, True)
+        self.query_layers = nn.ModuleList(ConditionedDecoderLayer(dim, num_heads, ffn_dim, dropout, True, placement)
                                           for _ in range(layers))
         self.out_proj = nn.Linear(dim, out_dim) if out_dim is not None and out_dim != dim else None
 
@@ -410,6 +438,14 @@ class RecLMISAuxiliary(nn.Module):
         causal: the authors' future mask in the reconstructors' self-attentions (see the module docstring).
         interest_dropout: dropout before the interest MLPs (their config.dropout: 0 QaTa, 0.5 MosMed).
         word_conv: the authors' Conv1d+BN+ReLU (CTBN) before the word MLP.
+        conditions: the modules that use W (Table IV): "ccl" (eq. 5's weights), "clr" / "cvr" (the conditioned
+            attention of eq. 9 / 7 and the weights of eq. 10 / 8); a module left out uses uniform weights.
+        reconstruction_attention: "cross" (CVR and CLR, the paper) or "self" (Table V: one reconstructor whose
+            queries are [V_m; E_m] and keys / values [V; E], condition [W_poi; W_woi] / 2).
+        mask_strategy: "interest" (masked items drawn with probabilities W, Sec. III-C) or "random" (uniform,
+            §IV-D3 / Fig. 7).
+        condition_placement: "logits" (eq. 7 / 9: softmax((Q K^T / sqrt(d_h)) ⊙ W)) or "probabilities" (the
+            authors' ``gauss_weight``: softmax(Q K^T / sqrt(d_h)) * W, renormalised).
         vision_to_text: hold CI's vision-to-text encoder E' = MHA(Q=E, K=V=V_emb) here (the paper's CI, where
             only W_woi reads E'); False when the network computes E' (``image_reads="text_ci"``).
     """
@@ -417,8 +453,19 @@ class RecLMISAuxiliary(nn.Module):
     def __init__(self, dim: int, text_dim: int, num_heads: int = 4, layers: int = 3, ffn_dim: int = 1024,
                  image_mask_rate: float = 0.5, text_mask_rate: float = 0.3, temperature: float = 0.01,
                  dropout: float = 0.1, *, cvr_target: str = "image_ci", causal: bool = True,
-                 interest_dropout: float = 0.0, word_conv: bool = True, vision_to_text: bool = True):
+                 interest_dropout: float = 0.0, word_conv: bool = True, vision_to_text: bool = True,
+                 condition_placement: str = "logits", conditions: Sequence[str] = ("ccl", "clr", "cvr"),
+                 mask_strategy: str = "interest", reconstruction_attention: str = "cross"):
         super().__init__()
+        if mask_strategy not in ("interest", "random"):
+            raise ValueError(f"mask_strategy must be 'interest' (drawn by W, Sec. III-C) or 'random' (uniform), "
+                             f"got {mask_strategy!r}")
+        if reconstruction_attention not in ("cross", "self"):
+            raise ValueError(f"reconstruction_attention must be 'cross' (the paper) or 'self' (Table V), got "
+                             f"{reconstruction_attention!r}")
+        if set(conditions) - {"ccl", "clr", "cvr"}:
+            raise ValueError(f"conditions are among 'ccl', 'clr', 'cvr' (Table IV), got {list(conditions)}")
+        self.conditions, self.mask_strategy = frozenset(conditions), mask_strategy
         if cvr_target not in ("image_ci", "image"):
             raise ValueError(f"cvr_target must be 'image_ci' (V', the authors' code) or 'image' (V, eq. 8), "
                              f"got {cvr_target!r}")
@@ -434,8 +481,16 @@ class RecLMISAuxiliary(nn.Module):
                                if vision_to_text else None)
         self.word_interest = InterestHead(dim, sequence_conv=word_conv, dropout=interest_dropout)
         self.patch_interest = InterestHead(dim, dropout=interest_dropout)
-        self.cvr = ConditionedReconstructor(dim, num_heads, layers, ffn_dim, dropout, causal=causal)
-        self.clr = ConditionedReconstructor(dim, num_heads, layers, ffn_dim, dropout, out_dim=text_dim, causal=causal)
+        self.cvr = self.clr = self.joint = self.joint_text_out = None
+        if reconstruction_attention == "cross":
+            self.cvr = ConditionedReconstructor(dim, num_heads, layers, ffn_dim, dropout, causal=causal,
+                                                placement=condition_placement)
+            self.clr = ConditionedReconstructor(dim, num_heads, layers, ffn_dim, dropout, out_dim=text_dim,
+                                                causal=causal, placement=condition_placement)
+        else:  # Table V "Self-Attn" reconstruction: one Psi, queries [V_m; E_m], keys and values [V; E]
+            self.joint = ConditionedReconstructor(dim, num_heads, layers, ffn_dim, dropout, causal=causal,
+                                                  placement=condition_placement)
+            self.joint_text_out = nn.Linear(dim, text_dim) if text_dim != dim else None
 
     def interest(self, features: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (W_poi (B, N), W_woi (B, L)): eq. 2 and 3; W_woi is 0 at padded tokens, each sums to 1."""
@@ -458,18 +513,36 @@ class RecLMISAuxiliary(nn.Module):
             raise ValueError(f"RecLMISAuxiliary built for d={self.dim}, D={self.text_dim}; got image tokens "
                              f"{tuple(image.shape)} and token states {tuple(tokens.shape)}")
         w_poi, w_woi = self.interest(features)
-        image_masked = image.masked_fill(sample_interest_mask(w_poi, self.image_mask_rate)[..., None], 0.0)
-        text_masked = text.masked_fill(sample_interest_mask(w_woi, self.text_mask_rate, mask)[..., None], 0.0)
         text_valid = _nonempty(mask)  # keys of every attention over text: real tokens only
-        image_rec = self.cvr(image_masked, text, w_woi, context_valid=text_valid)
-        text_rec = self.clr(text_masked, image, w_poi, query_valid=text_valid)
-        return {"cvr": weighted_reconstruction_loss(image_rec, features[self.cvr_target], w_poi),
-                "clr": weighted_reconstruction_loss(text_rec, tokens, w_woi, valid=mask),
-                "ccl": conditioned_contrastive_loss(image, text, w_poi, w_woi, mask, self.temperature)}
+        # a module without its condition (Table IV) sees uniform interest: every patch / real word alike
+        flat_poi = torch.full_like(w_poi, 1.0 / w_poi.shape[1])
+        flat_woi = text_valid.float() / text_valid.float().sum(1, keepdim=True)
+        draw_poi, draw_woi = (w_poi, w_woi) if self.mask_strategy == "interest" else (flat_poi, flat_woi)
+        image_masked = image.masked_fill(sample_interest_mask(draw_poi, self.image_mask_rate)[..., None], 0.0)
+        text_masked = text.masked_fill(sample_interest_mask(draw_woi, self.text_mask_rate, mask)[..., None], 0.0)
+        cvr, clr, ccl = (c in self.conditions for c in ("cvr", "clr", "ccl"))
+        if self.joint is None:
+            image_rec = self.cvr(image_masked, text, w_woi if cvr else None, context_valid=text_valid)
+            text_rec = self.clr(text_masked, image, w_poi if clr else None, query_valid=text_valid)
+        else:
+            n = image.shape[1]
+            # the keys' condition: W_poi on the image half (what CLR reads), W_woi on the text half (what CVR reads)
+            keys_w = torch.cat([w_poi if clr else flat_poi, w_woi if cvr else flat_woi], 1) / 2
+            valid = torch.cat([torch.ones_like(w_poi, dtype=torch.bool), text_valid], 1)
+            out = self.joint(torch.cat([image_masked, text_masked], 1), torch.cat([image, text], 1), keys_w,
+                             query_valid=valid, context_valid=valid)
+            image_rec, text_rec = out[:, :n], out[:, n:]
+            if self.joint_text_out is not None:
+                text_rec = self.joint_text_out(text_rec)
+        return {"cvr": weighted_reconstruction_loss(image_rec, features[self.cvr_target], w_poi if cvr else flat_poi),
+                "clr": weighted_reconstruction_loss(text_rec, tokens, w_woi if clr else flat_woi, valid=mask),
+                "ccl": conditioned_contrastive_loss(image, text, w_poi if ccl else flat_poi,
+                                                    w_woi if ccl else flat_woi, mask, self.temperature)}
 
     def parameter_groups(self) -> dict[str, int]:
         parts = {"word_interest": self.word_interest, "patch_interest": self.patch_interest, "cvr": self.cvr,
-                 "clr": self.clr}
+                 "clr": self.clr, "joint": self.joint, "joint_text_out": self.joint_text_out}
+        parts = {name: m for name, m in parts.items() if m is not None}
         if self.text_attention is not None:
             parts["vision_to_text"] = self.text_attention
         return {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}

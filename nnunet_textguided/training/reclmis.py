@@ -3,7 +3,9 @@
 | trainer              | what it trains                                                                      |
 |----------------------|-------------------------------------------------------------------------------------|
 | RecLMISTrainer       | UNet + PLAM, frozen text tokens -> Conv1d, CI; losses 1 CVR + 1 CLR + 0.2 CCL + 5 seg |
-| RecLMISTrainer_CI    | ablation: CI only (no CVR / CLR / CCL: the auxiliary losses' weights are 0)        |
+| RecLMISTrainer_noCLR / _noCVR | Table III (b) / (c): without CLR / without CVR                             |
+| RecLMISTrainer_CI    | Table III (d): CI only (CCL kept, CVR / CLR weights 0)                              |
+| RecLMISTrainer_noCI  | Table III (e): UNet + PLAM without text (no CI, no auxiliary losses)                |
 | RecLMISTrainer_authorsCI | CI as the authors' code has it (V' attends to E', not to the note tokens)       |
 
 Network (``networks.reclmis.RecLMIS``, the inference graph): the LViT-style UNet with PLAM on the skips, widths
@@ -14,9 +16,10 @@ conditioned contrastive loss are training-only (``networks.reclmis.RecLMISAuxili
 optimises them beside the network and keeps them in the checkpoint under ``training_only_weights``; the
 network's own weights — what ``nnUNetv2_predict_textguided`` loads — hold only the inference graph.
 
-Segmentation loss: nnU-Net's Dice + CE (softmax over background/foreground, i.e. the code's sigmoid BCE for one
-class) averaged 1:1 like the authors' 0.5 Dice + 0.5 BCE; total = 1 CVR + 1 CLR + 0.2 CCL + 5 seg (settings
-``loss_cvr``, ``loss_clr``, ``loss_ccl``, ``loss_seg``). Optimiser: Adam 3e-4 with a cosine schedule (the paper:
+Loss: eq. 11, L = λ1 L_V2T + λ2 L_T2V + λ3 L_CCL + λ4 (L_Dice + L_CE) with λ = 1, 1, 0.2, 5
+(``losses.reclmis.reclmis_objective``; settings ``loss_clr``, ``loss_cvr``, ``loss_ccl``, ``loss_seg``); L_Dice +
+L_CE is nnU-Net's Dice + CE (softmax over background/foreground), summed as eq. 11 writes it (the authors' code
+averages them, 0.5 Dice + 0.5 BCE, which halves λ4). Optimiser: Adam 3e-4 with a cosine schedule (the paper:
 ``optimizer``, ``lr``, ``lr_schedule``); no deep supervision (one output).
 
 Notes: ``<CASE>.txt`` per image (``training.notes``). Text encoder: the paper's CLIP ViT-B/32 text tower
@@ -31,6 +34,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from ..conditioning.notes import NoteConditioner
+from ..losses.reclmis import reclmis_objective
 from ..networks.reclmis import RecLMIS, RecLMISAuxiliary
 from .base import register_network_builder, short_schedule
 from .notes import NoteGuidedTrainer, token_dim
@@ -45,8 +49,42 @@ from .notes import NoteGuidedTrainer, token_dim
 #:   authors' code lets V' attend to E' instead ("text_ci", RecLMISTrainer_authorsCI), which leaves the note no
 #:   direct path to the decoder and learns the referring task far more slowly (networks/reclmis.py).
 OPEN_CHOICE_KEYS = ("num_heads", "dropout", "reconstructor_layers", "reconstructor_ffn", "image_mask_rate",
-                    "text_mask_rate", "temperature", "ci_image_reads")
+                    "text_mask_rate", "temperature", "ci_image_reads", "condition_placement", "use_ci", "conditions",
+                    "mask_strategy", "ci_attention", "reconstruction_attention", "augmentation")
 AUX_LOSSES = ("cvr", "clr", "ccl")
+
+
+def paper_pipeline(nnunet_transforms):
+    """nnU-Net's training transforms (a ComposeTransforms) with RecLMIS's augmentation: the spatial transform only
+    crops (rotation and scaling probabilities 0), nnU-Net's random intensity transforms are replaced by the
+    paper's; everything else (label removal, regions, deep-supervision targets) is kept in order."""
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+    from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    from ..data.augmentation import reclmis_paper_intensity_transforms
+
+    intensity = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform, ContrastTransform,
+                 SimulateLowResolutionTransform, GammaTransform)
+    out, inserted = [], False
+    for t in nnunet_transforms.transforms:
+        if isinstance(t, RandomTransform) and isinstance(t.transform, intensity):
+            continue
+        out.append(t)
+        if isinstance(t, SpatialTransform):
+            t.p_rotation, t.p_scaling, t.p_elastic_deform = 0.0, 0.0, 0.0
+            out += reclmis_paper_intensity_transforms()
+            inserted = True
+    if not inserted:
+        raise RuntimeError("nnU-Net's training transforms have no SpatialTransform to follow: this nnU-Net version "
+                           "builds its pipeline differently; use augmentation=nnunet")
+    return ComposeTransforms(out)
 
 
 def stage_strides(configuration_manager) -> list:
@@ -63,7 +101,8 @@ def build_reclmis_network(settings, backbone, plans_manager, configuration_manag
     net = RecLMIS(num_input_channels, num_classes, token_dim(settings), features=tuple(kw["features_per_stage"]),
                   strides=stage_strides(configuration_manager), patch_size=tuple(configuration_manager.patch_size),
                   num_heads=settings["num_heads"], dropout=settings["dropout"],
-                  image_reads=settings.get("ci_image_reads", "text"))
+                  image_reads=settings.get("ci_image_reads", "text"), use_ci=settings.get("use_ci", True),
+                  ci_attention=settings.get("ci_attention", "cross"))
     net.set_conditioner(NoteConditioner(settings["text_encoder"], settings["max_tokens"], token_dim(settings)))
     return net
 
@@ -93,11 +132,18 @@ class RecLMISTrainer(NoteGuidedTrainer):
         """The training-only modules, or None when every auxiliary loss is switched off (RecLMISTrainer_CI)."""
         if not any(settings["loss_weights"][k] for k in AUX_LOSSES):
             return None
+        if not network.use_ci:
+            raise ValueError("RecLMIS without CI (use_ci=false, Table III (e)) has no conditioned features for CVR, "
+                             "CLR or CCL: set loss_cvr, loss_clr and loss_ccl to 0 (RecLMISTrainer_noCI does)")
         return RecLMISAuxiliary(network.bottleneck_channels, network.text_dim, num_heads=settings["num_heads"],
                                 layers=settings["reconstructor_layers"], ffn_dim=settings["reconstructor_ffn"],
                                 image_mask_rate=settings["image_mask_rate"], text_mask_rate=settings["text_mask_rate"],
                                 temperature=settings["temperature"], dropout=settings["dropout"],
-                                vision_to_text=network.interaction.text_attention is None)
+                                vision_to_text=not network.interaction.computes_text_ci,
+                                condition_placement=settings.get("condition_placement", "logits"),
+                                conditions=tuple(settings.get("conditions", AUX_LOSSES)),
+                                mask_strategy=settings.get("mask_strategy", "interest"),
+                                reconstruction_attention=settings.get("reconstruction_attention", "cross"))
 
     # -- nnU-Net hooks ------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -115,6 +161,22 @@ class RecLMISTrainer(NoteGuidedTrainer):
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # a single output
+
+    # -- augmentation (setting ``augmentation``) ----------------------------------------------------------------
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy2d, initial, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.textguided.get("augmentation") == "paper":  # no spatial transform: crop the patch itself
+            return (0.0, 0.0), dummy2d, tuple(self.configuration_manager.patch_size), mirror_axes
+        return rotation, dummy2d, initial, mirror_axes
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's pipeline, or with ``augmentation="paper"`` the paper's: nnU-Net's crop without rotation or
+        scaling, the blur / contrast / saturation / hue distortions of ``data.augmentation`` in place of nnU-Net's
+        intensity transforms, then nnU-Net's label handling unchanged."""
+        transforms = super().get_training_transforms(*args, **kwargs)
+        if self.textguided.get("augmentation") != "paper":
+            return transforms
+        return paper_pipeline(transforms)
 
     def _clip_gradients(self) -> None:
         # nnU-Net's clipping of the network at norm 12, and of the training-only modules on their own: a joint
@@ -137,12 +199,12 @@ class RecLMISTrainer(NoteGuidedTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             x, cond = net.condition(data)
             logits, features = net.forward_features(x, cond["tokens"], cond["mask"])
-            seg = 0.5 * self.loss(logits, target)  # the authors' 0.5 Dice + 0.5 BCE
+            seg = self.loss(logits, target)  # L_Dice + L_CE: nnU-Net's DC_and_CE_loss, both weights 1
             aux = {}
             if self.training_only is not None:
                 self.training_only.train()
                 aux = {k: v for k, v in self.training_only(features).items() if w[k]}
-            total = w["seg"] * seg + sum(w[k] * v for k, v in aux.items())
+            total = reclmis_objective({"seg": seg, **aux}, w)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -164,9 +226,26 @@ class RecLMISTrainer(NoteGuidedTrainer):
                 f"{k} {np.mean([c[k] for c in self._components]):.4f}" for k in keys))
         self._components = []
 
+class RecLMISTrainer_noCLR(RecLMISTrainer):
+    """RecLMIS ablation, Table III (b): CI (with CCL) + CVR, no conditioned language reconstruction."""
+    variant_settings = {"loss_clr": 0.0}
+
+
+class RecLMISTrainer_noCVR(RecLMISTrainer):
+    """RecLMIS ablation, Table III (c): CI (with CCL) + CLR, no conditioned vision reconstruction."""
+    variant_settings = {"loss_cvr": 0.0}
+
+
 class RecLMISTrainer_CI(RecLMISTrainer):
-    """RecLMIS ablation: CI only — CVR, CLR and CCL switched off (loss weights 0, 0, 0, 5)."""
-    variant_settings = {"loss_cvr": 0.0, "loss_clr": 0.0, "loss_ccl": 0.0}
+    """RecLMIS ablation, Table III (d): CI only — CVR and CLR off; CCL stays, as part of the CI module (Sec.
+    III-B2 is a subsection of III-B, the conditioned interaction)."""
+    variant_settings = {"loss_cvr": 0.0, "loss_clr": 0.0}
+
+
+class RecLMISTrainer_noCI(RecLMISTrainer):
+    """RecLMIS ablation, Table III (e): the baseline, UNet + PLAM without text (no CI, so no CCL, CVR or CLR).
+    The note is still read by the conditioner (the same dataset and commands) but never reaches the network."""
+    variant_settings = {"use_ci": False, "loss_cvr": 0.0, "loss_clr": 0.0, "loss_ccl": 0.0}
 
 
 class RecLMISTrainer_authorsCI(RecLMISTrainer):
@@ -174,7 +253,8 @@ class RecLMISTrainer_authorsCI(RecLMISTrainer):
     variant_settings = {"ci_image_reads": "text_ci"}
 
 
-BASE_TRAINERS = [RecLMISTrainer, RecLMISTrainer_CI, RecLMISTrainer_authorsCI]
+BASE_TRAINERS = [RecLMISTrainer, RecLMISTrainer_noCLR, RecLMISTrainer_noCVR, RecLMISTrainer_CI, RecLMISTrainer_noCI,
+                 RecLMISTrainer_authorsCI]
 # short schedules: _2epochs for smoke tests, _40epochs for the demo-size runs; _30epochs (30 x 50) for the
 # text-dependence test on the synthetic referring dataset
 SHORT_TRAINERS = [short_schedule(t, e, it, vit, mirror_axes=()) for t in BASE_TRAINERS

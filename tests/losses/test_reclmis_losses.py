@@ -118,3 +118,17 @@ def test_weighted_mse_weights_are_detached_and_padding_excluded():
     assert weighted_reconstruction_loss(pred.detach(), target, focused, valid) > loss.detach()
     with pytest.raises(ValueError, match="weights must be"):
         weighted_reconstruction_loss(pred, target, w[:, :3])
+
+
+def test_objective_is_eq_11_with_the_paper_weights():
+    """L = λ1 L_V2T + λ2 L_T2V + λ3 L_CCL + λ4 (L_Dice + L_CE), λ = 1, 1, 0.2, 5 (the settings' defaults)."""
+    from nnunet_textguided.losses.reclmis import reclmis_objective
+    from nnunet_textguided.settings import RecLMISSettings
+    s = RecLMISSettings()
+    weights = {"clr": s.loss_clr, "cvr": s.loss_cvr, "ccl": s.loss_ccl, "seg": s.loss_seg}
+    assert weights == {"clr": 1.0, "cvr": 1.0, "ccl": 0.2, "seg": 5.0}
+    terms = {"seg": torch.tensor(0.7), "clr": torch.tensor(0.3), "cvr": torch.tensor(0.11), "ccl": torch.tensor(2.0)}
+    assert float(reclmis_objective(terms, weights)) == pytest.approx(5 * 0.7 + 0.3 + 0.11 + 0.2 * 2.0)
+    assert float(reclmis_objective({"seg": torch.tensor(0.7)}, weights)) == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="seg"):
+        reclmis_objective({"clr": torch.tensor(1.0)}, weights)

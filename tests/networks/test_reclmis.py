@@ -244,6 +244,56 @@ def test_all_auxiliary_parameters_are_trained():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def _reached(module):
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_a_module_without_its_condition_ignores_the_interest_weights():
+    """Table IV: CVR without its condition reconstructs the same whatever W_woi says; with it, W_woi matters and
+    the word-interest head learns through CVR's attention."""
+    net = make_net().train()
+    _, f = net.forward_features(*inputs())
+    for conditions, expected in ((("ccl", "clr", "cvr"), True), (("ccl", "clr"), False)):
+        aux = make_aux(conditions=conditions, dropout=0.0).train()
+        torch.manual_seed(4)
+        out = aux({k: v.detach() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in f.items()})
+        out["cvr"].backward()
+        assert _reached(aux.word_interest) == expected, conditions
+    with pytest.raises(ValueError, match="Table IV"):
+        make_aux(conditions=("seg",))
+
+
+def test_random_masking_draws_uniformly():
+    net = make_net().train()
+    _, f = net.forward_features(*inputs())
+    aux = make_aux(mask_strategy="random")
+    assert all(torch.isfinite(v) for v in aux(f).values())
+    with pytest.raises(ValueError, match="mask_strategy"):
+        make_aux(mask_strategy="greedy")
+
+
+def test_table_v_self_attention_variants_train_and_keep_the_inference_graph():
+    """Self-attention CI: V' and E' from one MHA over [V_emb; E] (the note still changes the output); self-
+    attention reconstruction: one reconstructor over [V_m; E_m] whose every parameter is trained."""
+    net = make_net(ci_attention="self").train()
+    assert net.interaction.computes_text_ci and net.interaction.text_attention is None
+    logits, f = net.forward_features(*inputs())
+    assert f["text_ci"].shape == f["text"].shape and f["image_ci"].shape == f["image"].shape
+    aux = make_aux(reconstruction_attention="self", vision_to_text=False).train()
+    assert aux.cvr is None and aux.clr is None and aux.joint is not None
+    out = aux(f)
+    (sum(out.values()) + logits.sum()).backward()
+    for name, p in aux.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    net.eval()
+    x, tokens, mask = inputs()
+    assert not torch.allclose(net.segment(x, tokens, mask), net.segment(x, tokens.flip(0), mask.flip(0)))
+    with pytest.raises(ValueError, match="Table V"):
+        make_aux(reconstruction_attention="mixed")
+    with pytest.raises(ValueError, match="Table V"):
+        make_net(ci_attention="mixed")
+
+
 def test_inference_graph_is_clean():
     names = [n for n, _ in make_net().named_parameters()] + list(make_net().state_dict())
     for part in ("interest", "mlp", "reconstruct", "cvr", "clr", "ccl", "poi", "woi", "ctbn"):
@@ -268,30 +318,62 @@ def test_auxiliary_options():
 
 # ---------------------------------------------------------------- conditioned attention
 
-def explicit_conditioned_attention(q, k, v, w, valid=None, causal=False):
-    """The authors' formula: softmax(q k^T / sqrt(d_h)) (masked with -inf), * (W + 1e-10), / row sum."""
+def explicit_conditioned_attention(q, k, v, w, valid=None, causal=False, placement="logits"):
+    """Eq. 7 / 9 ("logits"): softmax((q k^T / sqrt(d_h)) * W); the authors' code ("probabilities"):
+    softmax(q k^T / sqrt(d_h)) * (W + 1e-10), / row sum. Masked scores are -inf either way."""
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if placement == "logits":
+        s = s * w[:, None, None, :]
     if valid is not None:
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    if placement == "logits":
+        return s.softmax(-1) @ v
     a = s.softmax(-1) * (w[:, None, None, :] + 1e-10)
     return (a / a.sum(-1, keepdim=True)) @ v
 
 
+def test_conditioned_attention_places_w_inside_the_softmax_as_eq_7():
+    """A hand-computed case: one query, two keys, d_h = 1. Scores q k / sqrt(1) = (2, 4), W = (0.75, 0.25):
+    eq. 7 gives softmax(2 * 0.75, 4 * 0.25) = softmax(1.5, 1.0); the code's placement gives
+    softmax(2, 4) * W renormalised = (e^2 0.75, e^4 0.25) / sum."""
+    q = torch.tensor([[[[2.0]]]], dtype=torch.float64)
+    k = torch.tensor([[[[1.0], [2.0]]]], dtype=torch.float64)
+    v = torch.tensor([[[[10.0], [20.0]]]], dtype=torch.float64)
+    w = torch.tensor([[0.75, 0.25]], dtype=torch.float64)
+    a = math.exp(1.5) / (math.exp(1.5) + math.exp(1.0))
+    assert conditioned_attention(q, k, v, w).item() == pytest.approx(10 * a + 20 * (1 - a), rel=1e-12)
+    b = math.exp(2) * 0.75 / (math.exp(2) * 0.75 + math.exp(4) * 0.25)
+    assert conditioned_attention(q, k, v, w, placement="probabilities").item() == pytest.approx(
+        10 * b + 20 * (1 - b), rel=1e-6)  # log W is taken in float32
+    with pytest.raises(ValueError, match="placement"):
+        conditioned_attention(q, k, v, w, placement="values")
+
+
+@pytest.mark.parametrize("placement", ["logits", "probabilities"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_conditioned_attention_equals_explicit_formula(causal):
+def test_conditioned_attention_equals_explicit_formula(causal, placement):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
     valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     w = torch.rand(2, 6, generator=g, dtype=torch.float64).masked_fill(~valid, 0)
     w = w / w.sum(1, keepdim=True)
-    w[0, 2] = 0.0  # a real key of zero interest keeps the 1e-10 floor
-    out = conditioned_attention(q, k, v, w, valid, causal)
-    torch.testing.assert_close(out, explicit_conditioned_attention(q, k, v, w, valid, causal))
+    w[0, 2] = 0.0  # a real key of zero interest: score 0 (logits) or the 1e-10 floor (probabilities)
+    out = conditioned_attention(q, k, v, w, valid, causal, placement)
+    torch.testing.assert_close(out, explicit_conditioned_attention(q, k, v, w, valid, causal, placement))
     assert torch.isfinite(out).all()
     # without W it is plain attention
-    torch.testing.assert_close(conditioned_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(conditioned_attention(q, k, v, placement=placement),
+                               F.scaled_dot_product_attention(q, k, v))
+
+
+def test_reclmis_reconstructors_follow_the_placement_setting():
+    aux = RecLMISAuxiliary(16, 12, num_heads=2, layers=1, ffn_dim=32)
+    placements = {m.placement for m in aux.modules() if hasattr(m, "placement")}
+    assert placements == {"logits"}
+    aux = RecLMISAuxiliary(16, 12, num_heads=2, layers=1, ffn_dim=32, condition_placement="probabilities")
+    assert {m.placement for m in aux.modules() if hasattr(m, "placement")} == {"probabilities"}
 
 
 def test_conditioned_attention_is_nan_free_for_empty_rows():

@@ -147,11 +147,32 @@ def test_final_validation_gives_each_case_its_own_note(trainer):
     trainer.note_conditioner().set_notes(None)
 
 
-def test_the_ci_only_ablation_builds_no_training_only_modules(trainer):
-    from nnunet_textguided.training.reclmis import RecLMISTrainer_CI
-    own = RecLMISTrainer_CI.own_settings()  # CI only: the three auxiliary losses' weights are 0
-    assert own == {"loss_cvr": 0.0, "loss_clr": 0.0, "loss_ccl": 0.0}
+def test_table_iii_rows_switch_the_modules_the_paper_names(trainer):
+    """Table III: (b) no CLR, (c) no CVR, (d) CI only — CCL stays, it is part of CI (Sec. III-B2) — and (e) no CI
+    (no text, no auxiliary module at all)."""
+    from nnunet_textguided.networks.reclmis import RecLMIS
+    from nnunet_textguided.training.reclmis import (RecLMISTrainer_CI, RecLMISTrainer_noCI, RecLMISTrainer_noCLR,
+                                                    RecLMISTrainer_noCVR)
+    assert RecLMISTrainer_noCLR.own_settings() == {"loss_clr": 0.0}
+    assert RecLMISTrainer_noCVR.own_settings() == {"loss_cvr": 0.0}
+    own = RecLMISTrainer_CI.own_settings()
+    assert own == {"loss_cvr": 0.0, "loss_clr": 0.0}
     weights = {k: own.get(f"loss_{k}", v) for k, v in trainer.textguided["loss_weights"].items()}
-    settings = dict(trainer.textguided, loss_weights=weights)
-    assert RecLMISTrainer_CI.build_training_only_modules(settings, trainer.network) is None
-    assert type(trainer).build_training_only_modules(trainer.textguided, trainer.network) is not None
+    assert weights["ccl"] == 0.2
+    aux = RecLMISTrainer_CI.build_training_only_modules(dict(trainer.textguided, loss_weights=weights),
+                                                        trainer.network)
+    assert aux is not None  # the interest heads that CCL needs
+    assert RecLMISTrainer_noCI.own_settings() == {"use_ci": False, "loss_cvr": 0.0, "loss_clr": 0.0, "loss_ccl": 0.0}
+    net = trainer.network
+    plain = RecLMIS(1, 2, net.text_dim, features=net.features, strides=[list(s) for s in net.strides],
+                    patch_size=net.patch_size, use_ci=False)
+    assert plain.text_proj is None and plain.interaction is None
+    x = torch.randn(2, 1, *net.patch_size)
+    tokens, mask = torch.randn(2, 5, net.text_dim), torch.ones(2, 5, dtype=torch.bool)
+    plain.eval()
+    torch.testing.assert_close(plain.segment(x, tokens, mask), plain.segment(x, torch.randn_like(tokens), mask))
+    with pytest.raises(ValueError, match="use_ci=false"):
+        RecLMISTrainer_noCI.build_training_only_modules(
+            dict(trainer.textguided, loss_weights={"cvr": 1.0, "clr": 0.0, "ccl": 0.0, "seg": 5.0}), plain)
+
+

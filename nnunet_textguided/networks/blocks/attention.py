@@ -85,22 +85,31 @@ class GlobalSelfAttentionBlock(nn.Module):
 
 #: added to W before its log (RecLMIS's ``gauss_weight + 1e-10``): items of zero interest keep a tiny weight
 CONDITION_EPS = 1e-10
+#: where the condition W enters the attention: "logits" = the paper's eq. 7 / 9, softmax((q k^T / sqrt(d)) ⊙ W);
+#: "probabilities" = the authors' code (``gauss_weight``), softmax(q k^T / sqrt(d)) * W renormalised
+CONDITION_PLACEMENTS = ("logits", "probabilities")
 
 
 def conditioned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor | None = None,
-                          key_valid: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+                          key_valid: torch.Tensor | None = None, causal: bool = False,
+                          placement: str = "logits") -> torch.Tensor:
     """Conditioned scaled dot-product attention (eq. 7 / 9): q (B, h, Lq, d_h), k, v (B, h, Lk, d_h),
     weights W (B, Lk) over the keys, key_valid (B, Lk) bool -> (B, h, Lq, d_h).
 
-    A = softmax(q k^T / sqrt(d_h)) * (W + 1e-10), each row renormalised to sum 1
-      = softmax(q k^T / sqrt(d_h) + log(W + 1e-10)),
-    run by ``F.scaled_dot_product_attention`` with that additive mask. Keys with key_valid False and, with
-    ``causal``, keys after the query are -inf (weight exactly 0); a row left without any key falls back to
-    uniform attention over its unmasked scores, so the output is never NaN.
+    placement "logits" (eq. 7 / 9):  A = softmax((q k^T / sqrt(d_h)) ⊙ W), W broadcast over the queries;
+      since W scales key j's column, (q k_j^T) w_j = q (w_j k_j)^T: SDPA on the keys scaled by W (exact).
+    placement "probabilities" (the authors' code):  A = softmax(q k^T / sqrt(d_h)) * (W + 1e-10), each row
+      renormalised = softmax(q k^T / sqrt(d_h) + log(W + 1e-10)): SDPA with that additive mask.
+    Keys with key_valid False and, with ``causal``, keys after the query are -inf (weight exactly 0); a row left
+    without any key falls back to uniform attention over its unmasked scores, so the output is never NaN.
     """
+    if placement not in CONDITION_PLACEMENTS:
+        raise ValueError(f"condition placement must be one of {CONDITION_PLACEMENTS}, got {placement!r}")
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     bias = torch.zeros(b, 1, lq, lk, device=q.device, dtype=torch.float32)
-    if weights is not None:
+    if weights is not None and placement == "logits":
+        k = k * weights.to(k.dtype)[:, None, :, None]
+    elif weights is not None:
         # in float32: 1e-10 underflows in half precision
         bias = bias + torch.log(weights.float() + CONDITION_EPS)[:, None, None, :]
     if key_valid is not None:
@@ -117,11 +126,13 @@ class ConditionedAttention(nn.Module):
     -> (B, Lq, d). Projections with bias (4 d^2 + 4 d parameters, as the authors' in_proj + out_proj); no
     attention dropout (theirs is 0)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, placement: str = "logits"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        if placement not in CONDITION_PLACEMENTS:
+            raise ValueError(f"condition placement must be one of {CONDITION_PLACEMENTS}, got {placement!r}")
+        self.num_heads, self.placement = num_heads, placement
         self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, query, context, weights=None, key_valid=None, causal: bool = False) -> torch.Tensor:
@@ -132,7 +143,7 @@ class ConditionedAttention(nn.Module):
             return t.reshape(b, t.shape[1], h, d // h).transpose(1, 2)
 
         out = conditioned_attention(heads(self.q(query)), heads(self.k(context)), heads(self.v(context)), weights,
-                                    key_valid, causal)
+                                    key_valid, causal, self.placement)
         return self.out(out.transpose(1, 2).reshape(b, lq, d))
 
 

@@ -1,0 +1,71 @@
+"""`nnunet-textguided ablation`: every row of the paper's ablation tables is listed with its trainer and settings,
+every row's settings pass the schema, and the rows that need their own code path (each distinct trainer, the
+self-attention and condition variants) train and predict one epoch through the stock commands."""
+import json
+
+import pytest
+
+from conftest import REFERRING_ID, run_cmd
+from nnunet_textguided import settings
+from nnunet_textguided.evaluation.ablations import ROWS, rows_of, select_rows
+
+#: Tables III (a-e), IV (5 rows), V (4 rows) of seed 004 and the figures' sweeps (Fig. 7, 8, 11, 12)
+RECLMIS_TABLE_ROWS = {"III-a", "III-b", "III-c", "III-d", "III-e", "IV-none", "IV-noccl", "IV-noclr", "IV-nocvr",
+                      "IV-all", "V-SA-CA", "V-SA-SA", "V-CA-SA", "V-CA-CA"}
+
+
+def test_reclmis_rows_cover_every_table_row_and_sweep():
+    names = [r.name for r in rows_of("reclmis")]
+    assert len(names) == len(set(names))
+    assert RECLMIS_TABLE_ROWS <= set(names)
+    assert {f"F11-L{n}" for n in range(1, 11)} <= set(names)
+    assert {"F7-random-0.5", "F7-interest-0.5", "F8-av0.5", "F8-at0.3", "F12-l1-1.5", "F12-l3-0.5"} <= set(names)
+    # the tables' ablations ran at α_v = α_t = 0.3 (§IV-D); the figure sweeps set their own
+    for r in rows_of("reclmis"):
+        if r.source.startswith("Table"):
+            assert r.settings["image_mask_rate"] == r.settings["text_mask_rate"] == 0.3, r.name
+    assert select_rows("reclmis", ["III-*"])[3].trainer == "RecLMISTrainer_CI"
+    with pytest.raises(ValueError, match="no reclmis ablation row matches IX"):
+        select_rows("reclmis", ["IX"])
+
+
+@pytest.mark.parametrize("method", sorted(ROWS))
+def test_every_row_names_a_trainer_of_its_method_and_valid_settings(method):
+    from nnunet_textguided.evaluation.params import trainer_class
+    for row in rows_of(method):
+        cls = trainer_class(row.trainer)
+        assert cls.textguided_method == method, row
+        settings.check_values(method, {**cls.own_settings(), **row.settings}, f"row {row.name}")
+
+
+def test_listing_prints_every_row(capsys):
+    from nnunet_textguided.cli import main
+    assert main(["ablation", "reclmis"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {r.name} |" in out for r in rows_of("reclmis"))
+
+
+@pytest.mark.slow
+def test_rows_with_their_own_code_path_train_and_predict_through_the_stock_commands(referring_dataset, tmp_path):
+    rows = ["III-*", "IV-none", "V-SA-SA", "F7-random-0.5"]
+    r = run_cmd("nnunet-textguided", "ablation", "reclmis", "-d", REFERRING_ID, "-c", "2d_tiny", "--rows", *rows,
+                "-o", tmp_path, "--epochs", "1", "--iterations", "2")
+    result = json.loads((tmp_path / "ablation_reclmis.json").read_text())
+    assert [x["row"] for x in result["rows"]] == ["III-a", "III-b", "III-c", "III-d", "III-e", "IV-none", "V-SA-SA",
+                                                 "F7-random-0.5"]
+    assert {x["trainer"] for x in result["rows"]} == {"RecLMISTrainer", "RecLMISTrainer_noCLR",
+                                                      "RecLMISTrainer_noCVR", "RecLMISTrainer_CI",
+                                                      "RecLMISTrainer_noCI"}
+    for x in result["rows"]:
+        assert 0.0 <= x["dice_true_notes"] <= 1.0
+    # each row's settings are in its own configuration of the plans, and so in the trained model's plans.json
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    name = maybe_convert_to_dataset_name(str(REFERRING_ID))
+    row = next(x for x in result["rows"] if x["row"] == "V-SA-SA")
+    model = f"{nnUNet_results}/{name}/RecLMISTrainer__nnUNetPlans__{row['configuration']}/plans.json"
+    block = json.loads(open(model).read())["configurations"][row["configuration"]]["textguided"]
+    assert block["method"] == "reclmis"  # the resolved settings the model was trained with
+    settings = block["settings"]
+    assert settings["ci_attention"] == settings["reconstruction_attention"] == "self" and settings["epochs"] == 1
+    assert "| III-e |" in r.stdout
