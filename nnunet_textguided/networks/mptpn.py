@@ -327,19 +327,40 @@ class MPTPN(ConditionedNetwork):
         return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
 
 
-class SimSiamPredictors(nn.Module):
-    """Stage 1's predictor per scale (simsiam/builder.py): Linear(c, c, no bias) -> LeakyReLU -> Linear(c, c).
-    The projector is the global average pool of each PPE output (no parameters)."""
+#: stage 1's projection: "dense" = Algorithm 1 (P = G(Y) on the PPE's feature maps, compared pixel by pixel);
+#: "pool" = the authors' simsiam/builder.py (a global average pool, then an MLP on the pooled vectors)
+SIMSIAM_PROJECTIONS = ("dense", "pool")
 
-    def __init__(self, widths: Sequence[int]):
+
+class SimSiamPredictors(nn.Module):
+    """Stage 1's predictor G per scale (seed 003, Algorithm 1, lines 4-6: Y = F(X, X_text), P = G(Y),
+    L = D(P_1, Y_2) + D(P_2, Y_1)).
+
+    ``projection="dense"`` (the paper): Y_i is the PPE's feature map (B, c_i, H_i, W_i) itself and G_i a
+    convolutional head Conv1x1(c, c, no bias) -> LeakyReLU -> Conv1x1(c, c), so P_i has Y_i's shape and D compares
+    the two views pixel by pixel (views are never cropped or flipped, so their pixels correspond). Algorithm 1 has
+    no pooling; the related-work sentence "This paper uses a simple convolutional projection head to obtain dense
+    pixel-level features" (§2.2) is the dense reading. The head's layers are the paper's silence ("The predictor
+    layer", §3.2.1): the authors' MLP, as 1x1 convolutions.
+    ``projection="pool"`` (the authors' simsiam/builder.py): z_i = GAP(F_i) (B, c_i), then Linear(c, c, no bias) ->
+    LeakyReLU -> Linear(c, c). Both have the same parameters (2 c^2 + c per scale) and load into each other.
+    """
+
+    def __init__(self, widths: Sequence[int], projection: str = "dense"):
         super().__init__()
+        if projection not in SIMSIAM_PROJECTIONS:
+            raise ValueError(f"projection must be one of {SIMSIAM_PROJECTIONS}, got {projection!r}")
+        self.projection = projection
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(w, w, bias=False), nn.LeakyReLU(inplace=True),
                                                  nn.Linear(w, w)) for w in widths)
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """PPE outputs -> (projections z_i = GAP(F_i) (B, c_i), predictions p_i (B, c_i))."""
-        z = [f.mean((2, 3)) for f in features]
-        return z, [head(zi) for head, zi in zip(self.heads, z)]
+        """PPE outputs -> (targets z_i, predictions p_i): (B, c_i, H_i, W_i) each when dense, (B, c_i) pooled."""
+        if self.projection == "pool":
+            z = [f.mean((2, 3)) for f in features]
+            return z, [head(zi) for head, zi in zip(self.heads, z)]
+        # a Linear over the channel axis of every pixel is a 1x1 convolution
+        return list(features), [head(f.movedim(1, -1)).movedim(-1, 1) for head, f in zip(self.heads, features)]
 
 
 def _resample_grid(t: torch.Tensor, old: tuple[int, int], new: tuple[int, int], dim: int) -> torch.Tensor:

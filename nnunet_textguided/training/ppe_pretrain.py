@@ -10,10 +10,13 @@ dataset's imagesTr with notes is a caption folder too. Captions are read like no
 collapsed) and encoded once, at the start, with the frozen text encoder (its per-token states, cropped or
 zero-padded to ``max_tokens``; ``conditioning.notes.encode_notes``).
 
-One step (Algorithm 1, the authors' simsiam/builder.py): two augmented views x1, x2 of each image, the same
-caption tokens for both; F^k = PPE(x_k, tokens) (three scales), z^k_i = GAP(F^k_i), p^k_i = predictor_i(z^k_i);
-loss = mean over the scales i of 0.5 * (D(p1_i, z2_i) + D(p2_i, z1_i)), D(p, z) = -cos(p, stop-grad(z)), so it
-lies in [-1, 1] and -1 is perfect agreement. SGD (momentum 0.9, weight decay 1e-4) on the PPE and the
+One step (Algorithm 1): two augmented views x1, x2 of each image, the same caption tokens for both; F^k =
+PPE(x_k, tokens) (three scales); with ``projection="dense"`` (the paper's Algorithm 1, default) z^k_i = F^k_i and
+p^k_i = G_i(F^k_i), a 1x1-convolution head, compared pixel by pixel; with ``projection="pool"`` (the authors'
+simsiam/builder.py) z^k_i = GAP(F^k_i), p^k_i = MLP_i(z^k_i) (``networks.mptpn.SimSiamPredictors``);
+loss = mean over the scales i of 0.5 * (D(p1_i, z2_i) + D(p2_i, z1_i)), D(p, z) = -cos(p, stop-grad(z)) averaged
+over the batch (and the pixels), so it lies in [-1, 1] and -1 is perfect agreement (SimSiam's and the authors'
+0.5; Algorithm 1 writes the plain sum, which doubles the gradient). SGD (momentum 0.9, weight decay 1e-4) on the PPE and the
 predictors, lr = base_lr * batch_size / 256, cosine-annealed per epoch (SimSiam's recipe).
 
 Views: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur(sigma
@@ -29,9 +32,9 @@ ImageNet-normalised stage 1 would feed it differently scaled, differently shifte
 
 Collapse monitor: per epoch and scale, ``z_std`` = mean over channels of the std over the batch of the
 l2-normalised z_i, times sqrt(c_i) (the SimSiam paper's diagnostic): -> 0 when SimSiam collapses to a constant;
-~1 for zero-mean, isotropic z (SimSiam's BN-ended projector). Here z_i is the average pool of a ReLU map, so it is
-non-negative, its normalised vectors share a mean direction, and healthy values are lower (0.3-0.4 at
-initialisation, measured). A line warns when a scale falls below 0.1.
+~1 for zero-mean, isotropic z (SimSiam's BN-ended projector); a dense z counts each pixel as a sample. With
+``projection="pool"`` z_i is the average pool of a ReLU map, so it is non-negative, its normalised vectors share a
+mean direction, and healthy values are lower (0.3-0.4 at initialisation, measured). A line warns when a scale falls below 0.1.
 
 Never lose work: the checkpoint is written atomically (flushed to disk, then renamed) after every epoch; a rerun
 with the same settings resumes an unfinished one (the images may have moved: the data are identified by their
@@ -225,6 +228,14 @@ def simsiam_loss(z1: Sequence[torch.Tensor], p1: Sequence[torch.Tensor], z2: Seq
 
 @torch.no_grad()
 def representation_std(z: torch.Tensor) -> float:
+    """Collapse monitor, see the module docstring; a dense z (B, c, H, W) counts every pixel as a sample."""
+    if z.ndim == 4:
+        z = z.movedim(1, -1).reshape(-1, z.shape[1])
+    return _representation_std(z)
+
+
+@torch.no_grad()
+def _representation_std(z: torch.Tensor) -> float:
     """Collapse monitor for projections (B, c): mean channel std over the batch of the l2-normalised z, times
     sqrt(c) (~1 healthy, -> 0 collapsed)."""
     zn = F.normalize(z.float(), dim=1)
@@ -275,7 +286,7 @@ def _comparable(config: dict) -> dict:
     """The config without the data folder's path: the same images and captions copied or mounted elsewhere (a
     job's scratch disk) are the same data (``data.fingerprint``)."""
     data = {k: v for k, v in config.get("data", {}).items() if k != "folder"}
-    return {**config, "data": data}
+    return {"projection": "pool", **config, "data": data}  # checkpoints without the key pooled
 
 
 def _save(ckpt: dict, output: Path) -> None:
@@ -346,7 +357,7 @@ def pretrain_ppe(folder: str | os.PathLike, output: str | os.PathLike, *, text_e
                  max_tokens: int = 10, image_size: Sequence[int] = (224, 224), base_channels: int = 64,
                  num_heads: int = 8, epochs: int = 5, batch_size: int = 16, base_lr: float = 0.05,
                  device: str | torch.device = "cpu", num_workers: int = 0, seed: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, projection: str = "dense") -> dict:
     """SimSiam-pretrain the PPE on the image-caption pairs of ``folder``; returns the final checkpoint dict,
     written (after every epoch) to ``output`` (module docstring). Resumes from an existing ``output`` with the
     same settings; a complete one with ``epochs`` equal to its own is returned without training."""
@@ -366,8 +377,8 @@ def pretrain_ppe(folder: str | os.PathLike, output: str | os.PathLike, *, text_e
     token_dim = int(encoder.token_dim)
     torch.manual_seed(seed)
     ppe = PromptEncoder(3, base_channels, token_dim, max_tokens, size, num_heads)  # checks the size and heads
-    predictors = SimSiamPredictors(ppe.widths)
-    config = {"in_channels": 3, "base_channels": int(base_channels), "image_size": list(size),
+    predictors = SimSiamPredictors(ppe.widths, projection)
+    config = {"projection": projection, "in_channels": 3, "base_channels": int(base_channels), "image_size": list(size),
               "num_heads": int(num_heads), "text_encoder": text_encoder, "text_weight_hash": encoder.weight_hash(),
               "token_dim": token_dim, "max_tokens": int(max_tokens), "batch_size": int(batch_size),
               "base_lr": float(base_lr), "seed": int(seed),
@@ -454,6 +465,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch device (default cuda if available, else cpu)")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--projection", choices=("dense", "pool"), default="dense",
+                   help="dense: the predictor runs on the PPE's feature maps and the views are compared pixel by "
+                   "pixel (the paper's Algorithm 1, default); pool: global average pool first (the authors' code)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -475,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = pretrain_ppe(args.folder, args.output, text_encoder=args.text_encoder, max_tokens=args.max_tokens,
                             image_size=size, base_channels=args.base_channels, num_heads=args.num_heads,
                             epochs=args.epochs, batch_size=args.batch_size, base_lr=args.lr, device=args.device,
-                            num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress)
+                            num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress,
+                            projection=args.projection)
     except (NoteError, PPECheckpointError, ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -423,9 +423,9 @@ def test_adapt_full_state_into_up_vit_ablation_drops_and_reports():
 
 # ---------------------------------------------------------------- SimSiam predictors
 
-def test_simsiam_predictors():
+def test_simsiam_predictors_pooled_as_the_authors_code():
     torch.manual_seed(0)
-    heads = SimSiamPredictors([C, 2 * C, 4 * C])
+    heads = SimSiamPredictors([C, 2 * C, 4 * C], projection="pool")
     f = [torch.randn(3, C, 8, 12), torch.randn(3, 2 * C, 4, 6), torch.randn(3, 4 * C, 2, 3)]
     z, p = heads(f)
     for fi, zi, pi, head in zip(f, z, p, heads.heads):
@@ -435,3 +435,21 @@ def test_simsiam_predictors():
         assert head[0].bias is None and head[2].bias is not None
         assert not torch.allclose(pi, zi)
     assert count(heads) == sum(2 * w * w + w for w in (C, 2 * C, 4 * C))
+
+
+def test_simsiam_predictors_dense_as_algorithm_1():
+    """P = G(Y) on the feature maps themselves (Algorithm 1: no pooling): a 1x1-convolution head, P shaped like
+    Y; the same parameters as the pooled heads (a state dict loads into either)."""
+    torch.manual_seed(0)
+    heads = SimSiamPredictors([C, 2 * C, 4 * C])
+    assert heads.projection == "dense"
+    f = [torch.randn(3, C, 8, 12), torch.randn(3, 2 * C, 4, 6), torch.randn(3, 4 * C, 2, 3)]
+    z, p = heads(f)
+    for fi, zi, pi, head in zip(f, z, p, heads.heads):
+        assert zi is fi and pi.shape == fi.shape
+        conv = F.conv2d(F.leaky_relu(F.conv2d(fi, head[0].weight[..., None, None])),
+                        head[2].weight[..., None, None], head[2].bias)
+        torch.testing.assert_close(pi, conv)
+    SimSiamPredictors([C, 2 * C, 4 * C], projection="pool").load_state_dict(heads.state_dict())
+    with pytest.raises(ValueError, match="projection"):
+        SimSiamPredictors([C], projection="gap")

@@ -68,6 +68,7 @@ def test_checkpoint_loads_weights_only_into_a_fresh_ppe(trained, captions):
     assert ckpt["format"] == CHECKPOINT_FORMAT
     cfg = ckpt["config"]
     assert cfg["image_size"] == [SIZE, SIZE] and cfg["base_channels"] == C and cfg["token_dim"] == 384
+    assert cfg["projection"] == "dense"  # Algorithm 1: the predictor on the feature maps, no pooling
     assert cfg["data"] == {"folder": str(captions.resolve()), "images": N_IMAGES,
                            "fingerprint": returned["config"]["data"]["fingerprint"]}
     ppe = PromptEncoder(3, cfg["base_channels"], cfg["token_dim"], cfg["max_tokens"], cfg["image_size"],
