@@ -383,6 +383,10 @@ class TGCNetSettings(NoteSettings):
     aux_dropout: float = key(0.1, "share of training samples whose auxiliary note is dropped (DATE only)", "silent",
                              f"{TGCNET} §3.2: a case without an auxiliary note is not discussed", minimum=0,
                              maximum=1)
+    unaligned_towers: bool = key(
+        False, "accept text and image towers of different models (their features share no space, so the cost "
+        "volume starts from noise): for stand-ins and experiments only", "one CLIP model's towers",
+        f"{TGCNET_IMPL}: \"We utilize the CLIP-ViT-L model\"", ours="a mismatched pair is refused unless named")
     msda_layers: int = key(2, "deformable attention encoder layers", "silent",
                            f"{TGCNET} §3.1: \"a Multi-Scale Deformable Attention (MSDeformAttn) module\"", minimum=1)
     cnn_input_size: tuple[int, int] | None = key(

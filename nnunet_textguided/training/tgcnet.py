@@ -23,7 +23,10 @@ first five ``features_per_stage`` (``2d_tgcnet_paper``: 32..256), d_model = the 
 Deformable-DETR width); the decoder scales CAT-Seg's ViT-L widths with d_model (at 256: hidden 128, decoder 64 /
 32, upsampling guidance 32 / 16) and keeps its appearance and text guidance projections at 128; two deformable encoder layers (Deformable-DETR
 has six): with them the paper configuration has 10.04 M trainable parameters (paper: 10.3 M; three layers
-would give 10.77 M). The CNN branch sees the patch resized to ``cnn_input_size`` (a setting; ``2d_tgcnet_paper``:
+would give 10.77 M). The 0.26 M is not a missing module: the paper counts the same set ("training only lightweight
+modules, including the SSE, DATE, and VLCM, together with the decoder", §4.4.5) and gives none of their widths;
+single open choices move the total by more than the gap (the deformable layers' FFN at 1280 instead of 1024:
+10.30 M; the decoder's prompt axis P = 1 as CAT-Seg's ViT-L config instead of 77: -0.48 M). The CNN branch sees the patch resized to ``cnn_input_size`` (a setting; ``2d_tgcnet_paper``:
 768 for 224 patches) or, by default, to 768/224 x the patch rounded up to a multiple of 32.
 
 Training (the paper: batch 8, lr 2e-5 QaTa / 5e-4 MosMed / 2e-4 CT, optimiser and schedule unstated): AdamW
@@ -107,6 +110,13 @@ class TGCNetTrainer(NoteGuidedTrainer):
         image = None
         if st.sse != "cnn":  # CNN-only: no image tower is loaded, run or required at prediction
             image = st.image_encoder
+            if image != st.text_encoder and not st.unaligned_towers:
+                from ..settings import SettingsError
+                raise SettingsError(
+                    f"TGC-Net's text and image towers must be one CLIP model's (its cost volume compares them in "
+                    f"CLIP's joint space): text_encoder is {st.text_encoder!r}, image_encoder {image!r}. Set both to "
+                    "the same spec (the paper: openclip:ViT-L-14-336@openai), or --set unaligned_towers=true for "
+                    "stand-ins and experiments")
             if image in s["encoders"]:
                 s["encoder_use"][image] = {"role": "case notes + image tokens", "towers": ["text", "image"]}
             else:

@@ -272,7 +272,8 @@ def test_variant_trainers_build_their_modules(trainer, name):
     assert (short.own_settings()["epochs"], short.own_settings()["iterations_per_epoch"]) == (2, 4)
     # the tiny preset's settings as the dataset's plans hold them (the trainer fixture's block is resolved)
     plain = {k: v for k, v in trainer.configuration_manager.configuration.items() if k != "textguided"}
-    plain["textguided"] = {"tgcnet": {"text_encoder": "minilm", "image_encoder": "tiny-clip"}}
+    plain["textguided"] = {"tgcnet": {"text_encoder": "minilm", "image_encoder": "tiny-clip",
+                                      "unaligned_towers": True}}
     settings = cls.textguided_block(trainer.plans_manager, ConfigurationManager(plain))
     reads_aux = variant["text"] != "main"  # primary-note-only variants read no auxiliary notes at all
     uses_clip = variant["sse"] != "cnn"  # CNN-only loads no image tower
@@ -305,3 +306,19 @@ def test_a_variant_trainer_initialises_through_nnunet(aux_notes):
     assert tr.textguided["variant"]["text"] == "main" and "date.attn" not in _modules(tr.network)
     assert not tr.network.conditioner.aux and tr.note_store().identity.get("aux_notes") is None
     assert tr.num_epochs == 2 and tr.num_iterations_per_epoch == 4
+
+
+def test_towers_of_different_models_are_refused_unless_named(trainer):
+    """The cost volume compares text and image features in one CLIP space: a pair from two models is refused
+    with the fix; the tiny preset names its stand-in pair (unaligned_towers)."""
+    from nnunet_textguided.settings import SettingsError
+    from nnunet_textguided.training.tgcnet import TGCNetTrainer, TGCNetTrainer_CNNonly
+    plain = {k: v for k, v in trainer.configuration_manager.configuration.items() if k != "textguided"}
+    plain["textguided"] = {"tgcnet": {"text_encoder": "minilm", "image_encoder": "tiny-clip"}}
+    with pytest.raises(SettingsError, match="one CLIP model's.*unaligned_towers=true"):
+        TGCNetTrainer.textguided_block(trainer.plans_manager, ConfigurationManager(plain))
+    # without an image tower there is no pair to align
+    assert TGCNetTrainer_CNNonly.textguided_block(trainer.plans_manager, ConfigurationManager(plain))
+    plain["textguided"] = {"tgcnet": {"text_encoder": "tiny-clip", "image_encoder": "tiny-clip"}}
+    assert TGCNetTrainer.textguided_block(trainer.plans_manager, ConfigurationManager(plain))["image_encoder"] == \
+        "tiny-clip"
