@@ -29,6 +29,24 @@ def test_reclmis_rows_cover_every_table_row_and_sweep():
         select_rows("reclmis", ["IX"])
 
 
+def test_tgcnet_and_mptpn_rows_cover_their_tables():
+    tgc = {r.name: r for r in rows_of("tgcnet")}
+    assert {"T3-a", "T3-b", "T3-c", "T3-d", "T3-e", "T5-llm", "T6-single", "T6-bi"} <= set(tgc)
+    assert len([r for r in tgc.values() if r.source == "Table 4"]) == 6  # every encoder configuration is listed
+    assert {n for n, r in tgc.items() if r.not_offered} == {"T4-vit-qv", "T4-vit-ft", "T4-sse-ft"}  # fine-tuned CLIP
+    assert {r.trainer for r in rows_of("mptpn")} == {"MPTPNTrainer", "MPTPNTrainer_noDownViT", "MPTPNTrainer_noUpViT",
+                                                     "MPTPNTrainer_noPretrain", "MPTPNTrainer_noMSFF",
+                                                     "MPTPNTrainer_noUpAttention"}
+
+
+def test_a_row_that_cannot_run_here_is_refused_before_any_work(tmp_path):
+    from nnunet_textguided.evaluation.ablations import run
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"cannot run here: T4-vit-ft \(the CLIP towers stay frozen"):
+        run("tgcnet", "Dataset999_Nothing", "2d_tiny", select_rows("tgcnet", ["T3-a", "T4-vit-ft"]), out)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("method", sorted(ROWS))
 def test_every_row_names_a_trainer_of_its_method_and_valid_settings(method):
     from nnunet_textguided.evaluation.params import trainer_class
