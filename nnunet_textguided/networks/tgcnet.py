@@ -39,6 +39,9 @@ Forward (what nnU-Net calls): ``x`` (B, C, H, W), the patch; the conditioner add
    the dataset's foreground labels, told apart by a learned class embedding e_t (one class for a referring
    note).
 
+Initialisation (choice; the paper gives none): the output projections of DATE's and VLCM's cross-attentions start
+at zero (``zero_residual``), so both modules begin as LayerNorms and learn their residuals.
+
 Output: (B, 1 + T, H, W) logits with the background fixed at 0, so nnU-Net's softmax / argmax give
 sigmoid(l_t) > 1/2 for one class, and its Dice + CE loss is the paper's Dice + BCE for one class.
 """
@@ -125,6 +128,16 @@ class SemanticStructuralEncoder(nn.Module):
         return self.msda([self.proj[0](skips[2]), self.proj[1](skips[3]), fused])
 
 
+def zero_residual(attn: ConditionedAttention) -> ConditionedAttention:
+    """Start a residual cross-attention branch at zero (its output projection zeroed), so DATE and VLCM begin as
+    LN(F) and learn what to add (choice: the paper gives no initialisation). With the default initialisation the
+    near-uniform attention of an untrained branch adds one shared vector to every image and text token, which
+    flattens the cosine cost volume the decoder reads the note from (docs/tgcnet.md, "Slow start")."""
+    nn.init.zeros_(attn.out.weight)
+    nn.init.zeros_(attn.out.bias)
+    return attn
+
+
 class DomainAugmentedTextEncoder(nn.Module):
     """DATE (eqs. 5-6) and its ablations: (F_p, m_p, F_a, m_a) -> (F_T, m_T), all at the text tower's width."""
 
@@ -132,7 +145,7 @@ class DomainAugmentedTextEncoder(nn.Module):
         super().__init__()
         self.mode = _check(mode, TEXT_MODES, "text mode")
         if mode == "date":
-            self.attn = ConditionedAttention(text_dim, num_heads)
+            self.attn = zero_residual(ConditionedAttention(text_dim, num_heads))
             self.norm = nn.LayerNorm(text_dim)
 
     def forward(self, fp, mp, fa, ma):
@@ -155,9 +168,9 @@ class VisionLanguageCalibration(nn.Module):
         self.mode = _check(mode, ALIGNMENT_MODES, "alignment mode")
         if mode == "none":
             return
-        self.attn_v, self.norm_v = ConditionedAttention(dim, num_heads), nn.LayerNorm(dim)
+        self.attn_v, self.norm_v = zero_residual(ConditionedAttention(dim, num_heads)), nn.LayerNorm(dim)
         if mode in ("vlcm", "bidirectional"):
-            self.attn_t, self.norm_t = ConditionedAttention(dim, num_heads), nn.LayerNorm(dim)
+            self.attn_t, self.norm_t = zero_residual(ConditionedAttention(dim, num_heads)), nn.LayerNorm(dim)
         if mode == "vlcm":
             self.gate_v, self.gate_t = nn.Linear(2 * dim, dim), nn.Linear(2 * dim, dim)
             self.value_v, self.value_t = nn.Linear(dim, dim), nn.Linear(dim, dim)

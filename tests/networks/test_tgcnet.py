@@ -11,11 +11,22 @@ from nnunet_textguided.networks.tgcnet import (ALIGNMENT_MODES, SSE_MODES, TEXT_
 L, DT, DV, G = 6, 16, 12, 3  # tokens, text width, CLIP width, CLIP grid
 
 
-def tiny(**variant) -> TGCNet:
+def started(module: torch.nn.Module) -> torch.nn.Module:
+    """DATE's and VLCM's residual cross-attentions start at zero (``zero_residual``); the wiring tests need them as
+    after some training: random output projections."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".out." in f".{name}" and not p.any():
+                p.normal_(0, 0.3)
+    return module
+
+
+def tiny(start=True, **variant) -> TGCNet:
     torch.manual_seed(0)
-    return TGCNet(2, 3, DT, DV, L, (32, 32), (96, 64), (4, 8, 8, 16, 16), 16, msda_layers=1, msda_heads=4,
-                  msda_points=2, msda_ffn=32, text_heads=2, fusion_heads=2, hidden=8, agg_layers=1, agg_heads=2,
-                  window=2, decoder_dims=(8, 4), guidance_dims=(4, 2), dropout=0.0, **variant).eval()
+    net = TGCNet(2, 3, DT, DV, L, (32, 32), (96, 64), (4, 8, 8, 16, 16), 16, msda_layers=1, msda_heads=4,
+                 msda_points=2, msda_ffn=32, text_heads=2, fusion_heads=2, hidden=8, agg_layers=1, agg_heads=2,
+                 window=2, decoder_dims=(8, 4), guidance_dims=(4, 2), dropout=0.0, **variant).eval()
+    return started(net) if start else net
 
 
 def conditioning(b=2, aux=True, seed=1):
@@ -66,7 +77,7 @@ def test_the_note_changes_the_output_and_the_auxiliary_note_only_where_it_is_rea
 
 
 def test_date_without_an_auxiliary_note_is_the_primary_note_alone():
-    date = DomainAugmentedTextEncoder(DT, 2)
+    date = started(DomainAugmentedTextEncoder(DT, 2))
     cond = conditioning(aux=False)
     ft, mt = date(cond["tokens"], cond["mask"], cond["aux_tokens"], cond["aux_mask"])
     torch.testing.assert_close(ft, date.norm(cond["tokens"]))
@@ -81,7 +92,7 @@ def test_date_without_an_auxiliary_note_is_the_primary_note_alone():
 
 def test_vlcm_context_is_the_documented_gating_formula():
     torch.manual_seed(3)
-    vlcm = VisionLanguageCalibration(8, 2)
+    vlcm = started(VisionLanguageCalibration(8, 2))
     v, t = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
     mt = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     ctx, valid = vlcm.context(v, t, mt)
@@ -93,6 +104,25 @@ def test_vlcm_context_is_the_documented_gating_formula():
     v2, t2 = vlcm(v, t, mt)
     torch.testing.assert_close(v2, vlcm.norm_v(v + vlcm.attn_v(v, ctx, key_valid=valid)))
     torch.testing.assert_close(t2, vlcm.norm_t(t + vlcm.attn_t(t, ctx, key_valid=valid)))
+
+
+def test_date_and_vlcm_start_as_layer_norms_and_learn_their_residuals():
+    """Untrained, DATE is LN(F_p) and VLCM LN(F_V), LN(F_T) (zero_residual); one step later the cross-attentions
+    contribute: the output projections receive gradient at the start, the rest of the branch from then on."""
+    net = tiny(start=False).train()
+    cond = conditioning()
+    ft, _ = net.date(cond["tokens"], cond["mask"], cond["aux_tokens"], cond["aux_mask"])
+    torch.testing.assert_close(ft, net.date.norm(cond["tokens"]))
+    v, t = torch.randn(2, 4, 16), torch.randn(2, L, 16)
+    v2, t2 = net.vlcm(v, t, cond["mask"])
+    torch.testing.assert_close((v2, t2), (net.vlcm.norm_v(v), net.vlcm.norm_t(t)))
+    F.cross_entropy(net.segment(image(), cond), torch.randint(0, 3, (2, 32, 32))).backward()
+    for branch in (net.date.attn, net.vlcm.attn_v, net.vlcm.attn_t):
+        assert branch.out.weight.grad.abs().sum() > 0
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        ft, _ = net.date(cond["tokens"], cond["mask"], cond["aux_tokens"], cond["aux_mask"])
+    assert (ft - net.date.norm(cond["tokens"])).abs().max() > 1e-4
 
 
 def test_padded_note_positions_do_not_matter():
