@@ -14,9 +14,10 @@ One step (Algorithm 1): two augmented views x1, x2 of each image, the same capti
 PPE(x_k, tokens) (three scales); with ``projection="dense"`` (the paper's Algorithm 1, default) z^k_i = F^k_i and
 p^k_i = G_i(F^k_i), a 1x1-convolution head, compared pixel by pixel; with ``projection="pool"`` (the authors'
 simsiam/builder.py) z^k_i = GAP(F^k_i), p^k_i = MLP_i(z^k_i) (``networks.mptpn.SimSiamPredictors``);
-loss = mean over the scales i of 0.5 * (D(p1_i, z2_i) + D(p2_i, z1_i)), D(p, z) = -cos(p, stop-grad(z)) averaged
-over the batch (and the pixels), so it lies in [-1, 1] and -1 is perfect agreement (SimSiam's and the authors'
-0.5; Algorithm 1 writes the plain sum, which doubles the gradient). SGD (momentum 0.9, weight decay 1e-4) on the PPE and the
+loss = mean over the scales i of D(p1_i, z2_i) + D(p2_i, z1_i), D(p, z) = -cos(p, stop-grad(z)) averaged over the
+batch (and the pixels), so it lies in [-2, 2] and -2 is perfect agreement: Algorithm 1's plain sum (line 6, "L <-
+D(P1, Y2) + D(P2, Y1)"; SimSiam and the authors' builder halve it, which halves the gradient at the same lr; the
+mean over the three scales is ours, Algorithm 1 writes one Y per view). SGD (momentum 0.9, weight decay 1e-4) on the PPE and the
 predictors, lr = base_lr * batch_size / 256, cosine-annealed per epoch (SimSiam's recipe).
 
 Views: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur(sigma
@@ -221,8 +222,8 @@ def _negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def simsiam_loss(z1: Sequence[torch.Tensor], p1: Sequence[torch.Tensor], z2: Sequence[torch.Tensor],
                  p2: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Symmetric SimSiam loss averaged over the scales: mean_i 0.5 * (D(p1_i, z2_i) + D(p2_i, z1_i)), in [-1, 1]."""
-    terms = [0.5 * (_negative_cosine(a, zb) + _negative_cosine(b, za)) for za, a, zb, b in zip(z1, p1, z2, p2)]
+    """Algorithm 1's symmetric loss averaged over the scales: mean_i D(p1_i, z2_i) + D(p2_i, z1_i), in [-2, 2]."""
+    terms = [_negative_cosine(a, zb) + _negative_cosine(b, za) for za, a, zb, b in zip(z1, p1, z2, p2)]
     return torch.stack(terms).mean()
 
 

@@ -215,3 +215,18 @@ def test_load_refuses_what_is_not_a_finished_checkpoint(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
     with pytest.raises(PPECheckpointError, match=r"other\.pth is not a PPE checkpoint"):
         load_ppe_checkpoint(other)
+
+
+def test_simsiam_loss_is_algorithm_1s_sum_averaged_over_the_scales():
+    """L = D(P1, Y2) + D(P2, Y1) (Algorithm 1, line 6), D = -cos with the second argument detached; -2 when the
+    predictions agree with the other view, mean over the scales."""
+    from nnunet_textguided.training.ppe_pretrain import simsiam_loss
+    g = torch.Generator().manual_seed(0)
+    z1, z2, p1, p2 = ([torch.randn(3, 8, generator=g), torch.randn(3, 4, 2, 2, generator=g)] for _ in range(4))
+    assert simsiam_loss(z1, z2, z2, z1).item() == pytest.approx(-2.0)  # p1 = z2 and p2 = z1
+    cos = torch.nn.functional.cosine_similarity
+    expected = [-(cos(a, zb).mean() + cos(b, za).mean()) for za, a, zb, b in zip(z1, p1, z2, p2)]
+    assert simsiam_loss(z1, p1, z2, p2).item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-6)
+    z2 = [z.requires_grad_() for z in z2]
+    simsiam_loss(z1, [p.requires_grad_() for p in p1], z2, p2).backward()
+    assert all(z.grad is None for z in z2)  # the second argument stops the gradient
