@@ -139,7 +139,8 @@ def warn_truncated_notes(prog: str, spec: str, notes: dict, paths: dict, max_tok
         print(f"{prog}: warning: {len(counts)} of {len(notes)} notes are longer than the {limit} tokens this model "
               f"reads (max_tokens {max_tokens}, encoder '{spec}'); each keeps its first {limit} tokens, ending with "
               f"its end token, and the rest is not seen: {listed}{more}. Shorten these notes, or train with a larger "
-              "max_tokens setting (nnunet-textguided add-config ... --set max_tokens=N)", file=file or sys.stderr)
+              f"max_tokens setting: nnunet-textguided add-config ... --set max_tokens={max(counts.values())} reads "
+              "every one of them", file=file or sys.stderr)
     return list(counts)
 
 

@@ -26,7 +26,7 @@ from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_p
 from tqdm import tqdm
 
 from ..conditioning.notes import NoteConditioner, NoteError, note_path, note_sha256, pack_note, read_case_notes, \
-    unpack_note, warn_truncated_notes
+    truncated_notes, unpack_note, warn_truncated_notes
 from ..conditioning.store import EmbeddingStore, extract_command
 from ..conditioning.slices import get_encoder
 from .base import CaseLoadHookDatasetClass, TextGuidedTrainer, check_and_record_encoders
@@ -112,21 +112,31 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         if todo:
             warn_truncated_notes(type(self).__name__, s["text_encoder"], {c: notes[c] for c in todo},
                                  {c: note_path(self.notes_folder(), c) for c in todo}, s["max_tokens"])
+        limit, truncated = truncated_notes(s["text_encoder"], notes, s["max_tokens"])
         encoder = self.note_encoder()
         # one note at a time, exactly as nnUNetv2_predict_textguided encodes a new case: batched matmuls may
         # differ in the last bits, and training and inference must see bitwise-equal tokens
         for c in tqdm(todo, desc="note tokens", disable=not progress or not todo):
             states, mask = encoder.encode([notes[c]], self.device)
             store.save(c, pack_note(states[0], mask[0]), note_sha256(notes[c]))
-        return {"computed": len(todo), "skipped": len(cases) - len(todo)}
+        return {"computed": len(todo), "skipped": len(cases) - len(todo), "token_limit": limit,
+                "truncated": truncated}
 
     def _register_notes(self) -> None:
         cases = self.all_case_identifiers()
+        check_and_record_encoders(self.textguided)  # the store's identity holds the encoder's weight hash
         store = self.note_store()
         if os.path.isdir(self.notes_folder()):
             counts = self.extract(cases, progress=False)
             if counts["computed"]:
                 self.print_to_log_file(f"note tokens: {counts['computed']} cases encoded into {store.root}")
+            if counts["truncated"]:  # every run, also when the store was already complete (no extraction warning)
+                longest = max(counts["truncated"].values())
+                self.print_to_log_file(
+                    f"WARNING: {len(counts['truncated'])} of {len(cases)} training notes are longer than the "
+                    f"{counts['token_limit']} tokens this model reads (max_tokens {self.textguided['max_tokens']}); "
+                    f"their ends are never seen. The longest has {longest} tokens: nnunet-textguided add-config ... "
+                    f"--set max_tokens={longest} reads every note", also_print_to_console=True)
         elif all(store.has(c) for c in cases):
             self.print_to_log_file(f"WARNING: {self.notes_folder()} not found; using the stored note tokens of "
                                    f"{store.root} without checking them against the notes")

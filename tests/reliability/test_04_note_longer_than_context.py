@@ -44,6 +44,18 @@ def test_a_long_note_is_truncated_by_the_documented_rule_with_a_warning_naming_t
     assert rc == 0 and "referring_005" in err
     assert np.array_equal(np.load(entry), kept)
 
+    # every training start says it in the training log, also when the store is complete (nothing extracted, so no
+    # extraction warning), with the max_tokens that reads every note
+    from nnunet_textguided.conditioning.extract import build_trainer
+    trainer = build_trainer(str(REFERRING_ID), NOTE_CONFIG, NOTE_TRAINER, device="cpu")
+    trainer.log_file = tmp_path / "training_log.txt"
+    trainer._register_notes()
+    log = trainer.log_file.read_text()
+    from nnunet_textguided.conditioning.slices import get_encoder
+    longest = get_encoder("minilm").token_count(note.read_text())
+    assert longest > 18 and "WARNING: 1 of" in log and "training notes are longer than the 18 tokens" in log, log
+    assert f"--set max_tokens={longest} reads every note" in log, log
+
     # prediction reads new notes the same way and names the case too
     model = build_model_folder(REFERRING_ID, NOTE_CONFIG, NOTE_TRAINER)
     inputs = tmp_path / "in"
