@@ -87,3 +87,39 @@ def test_rows_with_their_own_code_path_train_and_predict_through_the_stock_comma
     settings = block["settings"]
     assert settings["ci_attention"] == settings["reconstruction_attention"] == "self" and settings["epochs"] == 1
     assert "| III-e |" in r.stdout
+
+
+#: one row per distinct trainer of TGC-Net's Tables 3-6 and MPTPN's Table 3 (the other rows share these trainers)
+ONE_ROW_PER_TRAINER = {
+    "tgcnet": ["T3-a", "T3-b", "T3-c", "T3-d", "T3-e", "T4-cnn", "T5-aux", "T6-single", "T6-bi"],
+    "mptpn": ["T3-full", "T3-noDownViT", "T3-noUpViT", "T3-noPPE", "T3-noMSFF", "T3-noUpAttention"],
+}
+
+
+def test_one_row_per_trainer_covers_every_trainer_of_the_listing():
+    for method, names in ONE_ROW_PER_TRAINER.items():
+        chosen = {r.trainer for r in select_rows(method, names)}
+        assert chosen == {r.trainer for r in rows_of(method)}, method
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(ONE_ROW_PER_TRAINER))
+def test_every_trainer_of_the_listing_trains_and_predicts_through_the_stock_commands(method, referring_dataset,
+                                                                                     tmp_path):
+    base = "2d_tiny"
+    if method == "mptpn":  # the rows with stage 1 read ppe_weights from the base configuration
+        ppe = tmp_path / "ppe.pth"
+        run_cmd("nnunet-textguided", "pretrain-ppe", referring_dataset / "imagesTr", "-o", ppe, "--size", 64,
+                "--base-channels", 8, "--text-encoder", "minilm", "--epochs", 1, "--batch-size", 8, "--device", "cpu",
+                "--num-workers", 0, "--no-progress")
+        base = "2d_tiny_ablation_ppe"
+        run_cmd("nnunet-textguided", "add-config", "-d", REFERRING_ID, "2d_tiny", "--name", base, "--method", "mptpn",
+                "--set", f"ppe_weights={ppe}")
+    rows = ONE_ROW_PER_TRAINER[method]
+    run_cmd("nnunet-textguided", "ablation", method, "-d", REFERRING_ID, "-c", base, "--rows", *rows, "-o",
+            tmp_path / "out", "--epochs", "1", "--iterations", "2", timeout=1800)
+    result = json.loads((tmp_path / "out" / f"ablation_{method}.json").read_text())
+    assert [x["row"] for x in result["rows"]] == rows
+    assert {x["trainer"] for x in result["rows"]} == {r.trainer for r in rows_of(method)}
+    for x in result["rows"]:  # trained one epoch and predicted every test case with true and shuffled notes
+        assert 0.0 <= x["dice_true_notes"] <= 1.0 and 0.0 <= x["dice_shuffled_notes"] <= 1.0, x
