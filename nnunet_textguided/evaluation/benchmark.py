@@ -192,7 +192,8 @@ def _input(net, setup: Setup, cm, batch: int) -> torch.Tensor:
     x = torch.randn(batch, 1, *cm.patch_size, device=setup.device)
     cond = getattr(net, "conditioner", None)
     if isinstance(cond, NoteConditioner):
-        cond.set_notes(*cond.encode([setup.note], setup.device))
+        # TGC-Net reads an auxiliary note too: the same text stands in for it
+        cond.set_notes(*cond.encode([(setup.note, setup.note)] if cond.aux else [setup.note], setup.device))
     if isinstance(cond, TableSliceConditioner):
         cond.set_tables({0: cond.compute_tables(setup.volume, device=setup.device)})
         pos = append_position_channels(np.zeros((1, *cm.patch_size), np.float32), 0)[1:]

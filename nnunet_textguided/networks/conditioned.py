@@ -43,8 +43,16 @@ class ConditionedNetwork(nn.Module):
     def condition(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The conditioner runs outside torch.compile (nnU-Net compiles the network on GPUs): frozen encoders and
         caption generation are never traced, and table lookups (data-dependent indexing) do not break the graph
-        of the trainable part; the trainable part before and after it compiles as usual."""
+        of the trainable part; the trainable part after it compiles as one graph.
+
+        It also runs outside autocast: frozen encoders compute in their weights' dtype (float32 as loaded), so
+        online conditioning under mixed precision equals the embeddings the store computed without it; the
+        trainable network then runs under the caller's autocast as usual."""
         if self._conditioner is None:
             raise RuntimeError(f"{type(self).__name__} needs a conditioner (set_conditioner) before forward; "
                                "build it through its trainer's build_network_architecture")
+        device = x.device.type
+        if device != "meta" and torch.is_autocast_enabled(device):  # (meta: counting; autocast has no meta)
+            with torch.autocast(device, enabled=False):
+                return self._conditioner(x)
         return self._conditioner(x)

@@ -267,9 +267,13 @@ class RecLMIS(ConditionedNetwork):
                                                    ci_attention) if use_ci else None)
         self.decoder = RecLMISDecoder(features, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """-> logits, or with ``with_features`` (the training step: its losses read the features) (logits,
+        features) of ``forward_features``. One call for both, so the training step runs the network nnU-Net
+        compiled (and wrapped in DDP) rather than the bare module."""
         x, cond = self.condition(x)
-        return self.segment(x, cond["tokens"], cond["mask"])
+        out = self.forward_features(x, cond["tokens"], cond["mask"])
+        return out if with_features else out[0]
 
     def segment(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, H, W), tokens (B, L, D) frozen text states, mask (B, L) bool (True = real token)

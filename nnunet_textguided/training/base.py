@@ -297,6 +297,23 @@ class TextGuidedTrainer(nnUNetTrainer):
         builder = NETWORK_BUILDERS[settings["method"]]
         return builder(settings, backbone, plans_manager, configuration_manager, num_input_channels)
 
+    def _do_i_compile(self) -> bool:
+        """nnU-Net's decision, for every method (compiled on CUDA unless nnUNet_compile says otherwise). What is
+        compiled is the trainable network, as one graph; the conditioner (frozen encoders, CoCa's captioning,
+        store lookups, the notes and task routing handed over per batch) runs eagerly before it
+        (``ConditionedNetwork.condition``). Said once in the log."""
+        compiled = super()._do_i_compile()
+        if compiled and not getattr(self, "_compile_logged", False):
+            self._compile_logged = True
+            encoders = ", ".join(sorted(self.textguided.get("encoders", {}))) or "none"
+            self.print_to_log_file(
+                "torch.compile: the trainable network is compiled (one graph); the frozen encoders "
+                f"({encoders}) and the conditioning hand-over run eagerly before it, outside autocast, in their "
+                "weights' dtype: caption generation is a token loop of data-dependent length, paper-mode models "
+                "read stored embeddings, and online conditioning stays equal to the embeddings stored without "
+                "autocast. nnUNet_compile=false switches compiling off")
+        return compiled
+
     def all_case_identifiers(self) -> list[str]:
         """Every case of the configuration's preprocessed data."""
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class

@@ -262,9 +262,6 @@ class CDPDNetTrainer(TextGuidedTrainer):
             return p
         return dataloaders_with_sampling(super().get_dataloaders, probabilities)
 
-    def _do_i_compile(self):
-        return False  # the network switches tasks between calls (per batch / per label routing)
-
     def _build_loss(self):
         return _MaskedLoss(PartialLabelLoss())
 

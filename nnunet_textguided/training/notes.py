@@ -176,9 +176,6 @@ class NoteGuidedTrainer(TextGuidedTrainer):
         return self.bare_network().conditioner
 
     # -- nnU-Net hooks ------------------------------------------------------------------------------------
-    def _do_i_compile(self):
-        return False  # the conditioner's notes change between calls
-
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """Notes name sides and positions ("all left lung and lower right lung"): no mirroring (training or
         test time; setting ``mirror_axes``, default none) and rotations within +-15 degrees instead of nnU-Net's

@@ -194,11 +194,10 @@ class RecLMISTrainer(NoteGuidedTrainer):
         target = batch["target"]
         target = target[0] if isinstance(target, list) else target
         target = target.to(self.device, non_blocking=True)
-        net, w = self.bare_network(), self.weights
+        w = self.weights
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            x, cond = net.condition(data)
-            logits, features = net.forward_features(x, cond["tokens"], cond["mask"])
+            logits, features = self.network(data, with_features=True)  # compiled / DDP-wrapped as nnU-Net built it
             seg = self.loss(logits, target)  # L_Dice + L_CE: nnU-Net's DC_and_CE_loss, both weights 1
             aux = {}
             if self.training_only is not None:

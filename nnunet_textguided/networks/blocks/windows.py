@@ -42,7 +42,22 @@ def volume_to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def tokens_to_volume(x: torch.Tensor, grid) -> torch.Tensor:
     """(B, D*H*W, C) -> (B, C, D, H, W)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+    return _ContiguousGradient.apply(x).transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. The gradient of ``tokens_to_volume`` is a
+    transposed view; fed as is into a LayerNorm's backward (the tokens are usually normed just before), the CPU
+    kernel returns a contiguous result where torch.compile's tracing predicts the transposed layout, and the
+    compiled backward then fails on a view (seen with the aot_eager backend)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class Mlp(nn.Module):
