@@ -13,6 +13,10 @@ no data and no weights:
   (batch 1) in inference mode, with the conditioning replaced by zero tensors of the right shapes; the frozen
   encoders' FLOPs for that forward are counted separately from their own structures.
 
+Then the estimated training memory of one GPU at the configuration's batch (``training_memory``: weights,
+gradients and optimiser state, frozen encoders, and the activations one training forward saves for backward,
+measured on the meta device in float32 and in half precision).
+
 Columns: *trainable* (optimised), *training-only* (trainable modules dropped at inference: listed by the
 network's ``training_only_modules``, or built beside the network by the trainer's
 ``build_training_only_modules`` — RecLMIS's reconstructors), *frozen* (encoders and frozen network parts), *inference* = trainable −
@@ -120,8 +124,9 @@ def _dataset_json(num_classes: int) -> dict:
     return {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz", "numTraining": 0}
 
 
-def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: dict, device: str = "meta"):
-    """The trainer's network (inference mode, no deep supervision) and {spec: EncoderStructure}."""
+def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: dict, device: str = "meta",
+                       deep_supervision: bool = False):
+    """The trainer's network (inference mode; deep supervision as asked) and {spec: EncoderStructure}."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -145,7 +150,8 @@ def build_for_counting(trainer, plans: dict, configuration: str, dataset_json: d
     lm = pm.get_label_manager(dataset_json)
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     with torch.device(device):
-        backbone = nnUNetTrainer.build_network_architecture(pm, cm, n_in, lm.num_segmentation_heads, False)
+        backbone = nnUNetTrainer.build_network_architecture(pm, cm, n_in, lm.num_segmentation_heads,
+                                                            deep_supervision)
         net = NETWORK_BUILDERS[settings["method"]](settings, backbone, pm, cm, n_in)
     return net.eval(), structures, cm, lm, n_in
 
@@ -194,6 +200,118 @@ def count_built(trainer, net, structures, cm, lm, n_in, device: str = "meta") ->
                           "at_inference": use.get("at_inference", True)}
     return ParamReport(trainer.__name__, "", "", list(cm.patch_size), lm.num_segmentation_heads, trainable, training_only, frozen_net, enc_rows,
                        fc.get_total_flops() / 1e9, {})
+
+
+#: optimiser state per trainable parameter, in parameter copies (Adam / AdamW: two moments; SGD: momentum)
+OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}
+GIB = 2 ** 30
+
+
+@dataclass
+class MemoryEstimate:
+    """Training memory of one GPU at a configuration's batch, in GiB (see ``training_memory``)."""
+    batch: int
+    weights: float           # trainable parameters + gradients + optimiser state, float32
+    frozen_encoders: float   # every frozen encoder's weights, float32 (loaded on the GPU when run online)
+    activations_fp32: float  # tensors saved for backward by one training forward, float32
+    activations_half: float  # the same with every floating tensor in half precision
+
+    @property
+    def total_fp32(self) -> float:
+        return self.weights + self.frozen_encoders + self.activations_fp32
+
+    @property
+    def total_half(self) -> float:
+        return self.weights + self.frozen_encoders + self.activations_half
+
+
+def training_memory(trainer, plans: dict, configuration: str, dataset_json: dict,
+                    batch: int | None = None) -> MemoryEstimate:
+    """Estimated GPU memory of training at the configuration's batch size (or ``batch``), from one training-mode forward (deep
+    supervision on, training-only modules included) on the meta device: nothing is allocated or computed.
+
+    Activations are the tensors autograd saves for backward (each storage once), measured twice: in float32,
+    and with the network's floating tensors in half precision. nnU-Net's mixed precision (autocast) keeps
+    some tensors in float32, so it lies between the two. Not counted: the CUDA context and allocator slack
+    (roughly 0.5-1 GiB), cuDNN workspaces, and the transient peak of the backward pass."""
+    report_net, structures, cm, lm, n_in = build_for_counting(trainer, plans, configuration, dataset_json, "meta",
+                                                              deep_supervision=True)
+    settings = cm.configuration["textguided"]
+    batch = batch or cm.batch_size
+    # training-only modules (RecLMIS's reconstructors) on the CPU: their masking counts tokens (data-dependent),
+    # so they run on real (small) token tensors of the features' shapes
+    extra = trainer.build_training_only_modules(settings, report_net)
+    trainable = [p for m in (report_net, extra) if m is not None for p in m.parameters() if p.requires_grad]
+    states = OPTIMIZER_STATES[settings["settings"].get("optimizer", "sgd")]
+    weights = sum(p.numel() for p in trainable) * 4 * (2 + states)
+    frozen = sum(st.num_parameters(settings.get("encoder_use", {}).get(spec, {}).get("towers")) for spec, st in
+                 structures.items()) * 4
+    dims = {spec: st.embed_dim for spec, st in structures.items()}
+    activations = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype != torch.float32:  # not net.to(): that would move (load) the frozen encoders too
+            for m in (report_net, extra):
+                if m is not None:
+                    torch.nn.Module._apply(m, lambda t: t.to(dtype) if t.is_floating_point() else t)
+        activations[dtype] = _saved_activation_bytes(report_net, extra, dims, batch, n_in, cm.patch_size, dtype)
+    return MemoryEstimate(batch, weights / GIB, frozen / GIB, activations[torch.float32] / GIB,
+                          activations[torch.bfloat16] / GIB)
+
+
+def _saved_activation_bytes(net, extra, dims, batch: int, n_in: int, patch, dtype) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training forward (meta device)."""
+    storages: dict[int, int] = {}
+    # weights saved for backward (a conv's weight) are counted with the weights, not as activations
+    own = {t.untyped_storage()._cdata for m in (net, extra) if m is not None
+           for t in [*m.parameters(), *m.buffers()]}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage._cdata not in own:
+            storages[storage._cdata] = storage.nbytes()
+        return t
+
+    net.train()
+    if extra is not None:
+        extra.train()
+    x = torch.empty(batch, n_in, *patch, device="meta", dtype=dtype)
+    if hasattr(net, "set_batch_tasks"):  # universal models train each sample under its own task
+        net.set_batch_tasks(torch.zeros(batch, dtype=torch.long, device="meta"))
+    try:
+        with _placeholder_conditioning(net, dims), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if extra is not None:  # RecLMIS: the losses' reconstructors read the network's features
+                _, features = net(x, with_features=True)
+                extra({k: _materialised(v) for k, v in features.items()})
+            else:
+                net(x)
+    finally:
+        if hasattr(net, "set_batch_tasks"):
+            net.set_batch_tasks(None)
+        net.eval()
+    return sum(storages.values())
+
+
+def _materialised(t):
+    """A CPU tensor of a meta tensor's shape and dtype (all-true masks, random values), grad-tracked as it was."""
+    if not torch.is_tensor(t) or t.device.type != "meta":
+        return t
+    if t.dtype == torch.bool:
+        return torch.ones(t.shape, dtype=torch.bool)
+    return torch.randn(t.shape, dtype=t.dtype).requires_grad_(t.requires_grad)
+
+
+def format_memory(m: MemoryEstimate) -> str:
+    per_sample = (m.activations_fp32 / m.batch, m.activations_half / m.batch)
+    return "\n".join([
+        f"Training memory of one GPU at batch {m.batch} (estimate; under DDP each GPU holds its share of the batch):",
+        "", "| part | float32 | half precision |", "|---|---:|---:|",
+        f"| weights, gradients, optimiser state | {m.weights:.2f} GiB | {m.weights:.2f} GiB |",
+        f"| frozen encoders (float32 weights) | {m.frozen_encoders:.2f} GiB | {m.frozen_encoders:.2f} GiB |",
+        f"| activations saved for backward | {m.activations_fp32:.2f} GiB | {m.activations_half:.2f} GiB |",
+        f"| **total** | **{m.total_fp32:.2f} GiB** | **{m.total_half:.2f} GiB** |", "",
+        f"Activations per sample: {per_sample[0]:.2f} GiB (float32) / {per_sample[1]:.2f} GiB (half). nnU-Net's "
+        "mixed precision lies between the two columns; add the CUDA context and allocator slack (about "
+        "0.5-1 GiB). Measured on the meta device from one training forward (nothing allocated)."])
 
 
 @contextlib.contextmanager
@@ -259,9 +377,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     try:
-        report = count(trainer_class(a.trainer), a.config, a.d, a.c, a.p, a.preset)
+        trainer = trainer_class(a.trainer)
+        report = count(trainer, a.config, a.d, a.c, a.p, a.preset)
+        memory = training_memory(trainer, *count_plans(trainer, a.config, a.d, a.c, a.p, a.preset))
     except (KeyError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: nnU-Net's unset paths/unknown id
         print(f"nnunet-textguided params: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report.as_dict(), indent=2) if a.json else format_report(report))
+    if a.json:
+        print(json.dumps({**report.as_dict(), "training_memory_gib": {
+            **asdict(memory), "total_fp32": memory.total_fp32, "total_half": memory.total_half}}, indent=2))
+    else:
+        print(format_report(report) + "\n\n" + format_memory(memory))
     return 0

@@ -158,3 +158,43 @@ def test_mptpn_paper_configuration_on_meta():
     assert r.encoders[bert]["params"] == 109_482_240 and r.inference == r.trainable + 109_482_240
     assert 290 < r.network_gflops < 310  # UpAttention's full-resolution convolutions dominate
     assert count(MPTPNTrainer_noMSFF, "paper").trainable == 15_774_339 - 310_016 - 7_007_678 - 193 + 779_454 + 65
+
+
+PAPER_TRAINERS = ["BiCLIPTrainer", "nnFormerTrainer", "CDPDNetTrainer", "RecLMISTrainer", "TGCNetTrainer",
+                  "MPTPNTrainer"]
+
+
+@pytest.mark.parametrize("name", PAPER_TRAINERS)
+def test_training_memory_at_each_paper_configuration(name):
+    """Every method's paper configuration gets a memory estimate on the meta device: the weights part is exactly
+    (parameters + gradients + optimiser state) x 4 bytes, and half precision saves less than float32."""
+    from nnunet_textguided.evaluation.params import OPTIMIZER_STATES, trainer_class, training_memory
+    trainer = trainer_class(name)
+    plans, configuration, dataset_json = count_plans(trainer, "paper")
+    memory = training_memory(trainer, plans, configuration, dataset_json)
+    report = count(trainer, "paper")
+    states = OPTIMIZER_STATES[trainer.resolve_settings({}).optimizer]
+    assert memory.batch == PlansManager(plans).get_configuration(configuration).batch_size
+    assert memory.weights * 2 ** 30 == pytest.approx(report.trainable * 4 * (2 + states), rel=1e-9)
+    assert 0 < memory.activations_half < memory.activations_fp32
+    assert memory.frozen_encoders * 2 ** 30 == pytest.approx(sum(e["params"] for e in report.encoders.values()) * 4)
+
+
+@pytest.mark.parametrize("name", ["BiCLIPTrainer_online", "RecLMISTrainer"])
+def test_activation_estimate_is_per_sample(name):
+    """Activations (weights excluded) grow with the batch: twice the batch saves twice the bytes."""
+    from nnunet_textguided.evaluation.params import trainer_class, training_memory
+    trainer = trainer_class(name)
+    args = count_plans(trainer, "paper")
+    one, two = (training_memory(trainer, *args, batch=b) for b in (2, 4))
+    assert two.activations_fp32 == pytest.approx(2 * one.activations_fp32, rel=0.02)
+    assert two.weights == one.weights
+
+
+def test_command_prints_training_memory(capsys):
+    assert main(["CDPDNetTrainer"]) == 0
+    out = capsys.readouterr().out
+    assert "Training memory of one GPU at batch 8" in out and "activations saved for backward" in out
+    assert main(["CDPDNetTrainer", "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["training_memory_gib"]
+    assert memory["total_fp32"] > memory["total_half"] > memory["weights"] > 0
