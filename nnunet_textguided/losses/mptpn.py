@@ -36,6 +36,8 @@ Choices:
   non-finite values there cannot leak in, nor get a gradient). A sample whose pixels are all ignored gives
   dice = 1 - smooth / smooth = 0 and still counts in the batch mean.
 - Computed in float32 with autocast disabled (safe under bf16 / fp16 mixed precision).
+- Under DDP (``-num_gpus N``) the counts (positive / negative pixels, samples) are the whole batch's
+  (``losses.distributed``), so the ranks' averaged gradient is the single-process one.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .distributed import batch_mean
 
 __all__ = ["WeightedBCEDiceLoss"]
 
@@ -117,9 +121,9 @@ class WeightedBCEDiceLoss(nn.Module):
         bce = F.binary_cross_entropy_with_logits(s, yf, reduction="none")
         batch_dims = [0] + list(range(2, s.ndim))
         pos_f, neg_f = pos.float(), neg.float()
-        n_pos = pos_f.sum(batch_dims).clamp_min(1.0)
-        n_neg = neg_f.sum(batch_dims).clamp_min(1.0)
-        wbce = w0 * (bce * pos_f).sum(batch_dims) / n_pos + w1 * (bce * neg_f).sum(batch_dims) / n_neg  # (K,)
+        # counted over the whole batch, also when DDP splits it over ranks (losses.distributed)
+        wbce = (w0 * batch_mean((bce * pos_f).sum(batch_dims), pos_f.sum(batch_dims), 1.0)
+                + w1 * batch_mean((bce * neg_f).sum(batch_dims), neg_f.sum(batch_dims), 1.0))  # (K,)
 
         # WDice: per sample and class, squared denominator, mean over the batch
         p = torch.sigmoid(s)
@@ -130,6 +134,7 @@ class WeightedBCEDiceLoss(nn.Module):
         spatial = list(range(2, s.ndim))
         intersection = (pw * tw).sum(spatial)
         union = (pw * pw).sum(spatial) + (tw * tw).sum(spatial)
-        wdice = (1.0 - (2.0 * intersection + self.smooth) / (union + self.smooth)).mean(0)  # (K,)
+        wdice = batch_mean((1.0 - (2.0 * intersection + self.smooth) / (union + self.smooth)).sum(0),
+                           float(s.shape[0]))  # (K,)
 
         return (self.bce_weight * wbce + self.dice_weight * wdice).mean()

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import batch_mean, global_sum
+
 __all__ = ["PartialLabelLoss", "labels_to_channels"]
 
 
@@ -24,7 +26,8 @@ class PartialLabelLoss(nn.Module):
       + dice_weight * mean over annotated pairs of the soft Dice loss.
     Unannotated pairs never enter the computation, so their logits get exactly zero gradient (never NaN);
     a batch with no annotated pair gives a zero that still depends on the logits (backward works).
-    Computed in float32 (safe under autocast).
+    Computed in float32 (safe under autocast). Under DDP the means run over the annotated pairs of the whole
+    batch (all ranks', ``losses.distributed``), so the ranks' averaged gradient is the single-process one.
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0):
@@ -40,13 +43,17 @@ class PartialLabelLoss(nn.Module):
         mask = annotated.to(device=logits.device, dtype=torch.bool)
         # boolean selection keeps unannotated pairs out of the graph: their gradient is exactly 0
         x = logits.flatten(2)[mask].float()  # (P, V)
-        if x.shape[0] == 0:
+        # the number of annotated pairs of the whole batch (all DDP ranks'): every rank asks, even with none
+        pairs = float(x.shape[0])
+        if float(global_sum(torch.tensor(pairs, device=logits.device))) == 0:
             return logits.flatten()[:0].float().sum()
         t = target.flatten(2)[mask].to(x.dtype)
-        bce = F.binary_cross_entropy_with_logits(x, t)
+        bce = F.binary_cross_entropy_with_logits(x, t, reduction="sum")
         p = torch.sigmoid(x)
         dice = 1 - 2 * (p * t).sum(-1) / (p.sum(-1) + t.sum(-1) + self.smooth)
-        return self.bce_weight * bce + self.dice_weight * dice.mean()
+        voxels = float(x.shape[1]) if x.ndim == 2 else float(logits.flatten(2).shape[-1])
+        return (self.bce_weight * batch_mean(bce, pairs * voxels)
+                + self.dice_weight * batch_mean(dice.sum(), pairs))
 
 
 def labels_to_channels(seg: torch.Tensor, regions: Sequence[int | Sequence[int]]) -> torch.Tensor:

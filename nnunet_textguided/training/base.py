@@ -15,6 +15,7 @@ What it adds to nnUNetTrainer:
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -182,6 +183,9 @@ class TextGuidedTrainer(nnUNetTrainer):
             np.random.seed(s.seed)
             torch.manual_seed(s.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # a gloo process group on CPUs (the DDP tests, CPU clusters): nnU-Net assumes one GPU per rank
+            self.device, self.grad_scaler = torch.device("cpu"), None
         self.settings = s
         self.num_epochs = s.epochs
         self.num_iterations_per_epoch = s.iterations_per_epoch
@@ -329,8 +333,16 @@ class TextGuidedTrainer(nnUNetTrainer):
     def textguided(self) -> dict:
         return self.configuration_manager.configuration["textguided"]
 
+    #: DDP(find_unused_parameters=...): True for networks that leave parameters unused in some steps (CDPDNet's
+    #: task routing); without it DDP reduces no gradient at all in such a step and stops at the next
+    ddp_find_unused_parameters: bool = False
+
     def initialize(self):
-        super().initialize()
+        if self.is_ddp:
+            with _ddp_wrapper(self.device.type == "cpu", self.ddp_find_unused_parameters):
+                super().initialize()
+        else:
+            super().initialize()
         untrained = untrained_encoders(self.textguided)
         if untrained:
             self.print_to_log_file(f"WARNING: encoders {untrained} are random-init test encoders (untrained); "
@@ -434,6 +446,27 @@ class TextGuidedTrainer(nnUNetTrainer):
             mirror_axes = tuple(self.settings.mirror_axes)
             self.inference_allowed_mirroring_axes = mirror_axes or None  # nnU-Net's predictor: None = no mirroring
         return rot, dummy2d, initial, mirror_axes
+
+
+@contextmanager
+def _ddp_wrapper(cpu: bool, find_unused_parameters: bool):
+    """nnU-Net's initialize wraps the network in SyncBatchNorm + DDP(network, device_ids=[rank]): here with the
+    trainer's ``find_unused_parameters``, and on CPU ranks (gloo) without device ids and with BatchNorm
+    statistics per rank (both are for GPU modules only)."""
+    module = sys.modules[nnUNetTrainer.__module__]
+    original, convert = module.DDP, torch.nn.SyncBatchNorm.__dict__["convert_sync_batchnorm"]
+
+    def ddp(network, device_ids=None, **kwargs):
+        return original(network, device_ids=None if cpu else device_ids,
+                        find_unused_parameters=find_unused_parameters, **kwargs)
+    module.DDP = ddp
+    if cpu:
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(lambda network, *args, **kwargs: network)
+    try:
+        yield
+    finally:
+        module.DDP = original
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm = convert
 
 
 class CaseLoadHookDatasetClass:

@@ -250,6 +250,9 @@ class CDPDNetTrainer(TextGuidedTrainer):
         """The source dataset a case was merged from."""
         return self.universal.source_of(case)
 
+    #: a batch trains only its samples' tasks and labels, so some task / label parameters get no gradient
+    ddp_find_unused_parameters = True
+
     def get_dataloaders(self):
         if not self.settings.balanced_sampling:
             return super().get_dataloaders()
