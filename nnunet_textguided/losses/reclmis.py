@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .distributed import gather_batch
+
 __all__ = ["conditioned_similarity", "conditioned_contrastive_loss", "weighted_reconstruction_loss",
            "reclmis_objective", "OBJECTIVE_TERMS"]
 
@@ -78,9 +80,15 @@ def conditioned_contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_
     -1/2 [mean_i log softmax_j(S_ij / tau)_i + mean_i log softmax_j(S_ji / tau)_i]: the matched pair (i, i) is
     the positive of image i among all texts and of text i among all images. (Eq. 6 prints exp(S) / tau, a typo
     for exp(S / tau); the code scales S by CLIP's logit scale exp(ln 100) = 1 / 0.01.) A batch of one gives 0.
+    Under DDP the batch is every rank's (``distributed.gather_batch``): the negatives of a split batch are the
+    single-process ones.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if text_mask is None:
+        text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+    image, text, image_weights, text_weights, text_mask = gather_batch(image, text, image_weights, text_weights,
+                                                                       text_mask.to(torch.bool))
     s = conditioned_similarity(image, text, image_weights, text_weights, text_mask) / temperature
     labels = torch.arange(s.shape[0], device=s.device)
     return 0.5 * (F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels))

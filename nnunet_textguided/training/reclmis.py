@@ -34,6 +34,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from ..conditioning.notes import NoteConditioner
+from ..losses.distributed import average_gradients, broadcast_module
 from ..losses.reclmis import reclmis_objective
 from ..networks.reclmis import RecLMIS, RecLMISAuxiliary
 from .base import register_network_builder, short_schedule
@@ -147,12 +148,16 @@ class RecLMISTrainer(NoteGuidedTrainer):
 
     # -- nnU-Net hooks ------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        if self.is_ddp:  # the custom step below runs the bare network and the training-only modules
-            raise RuntimeError(f"{type(self).__name__} trains on one GPU (or the CPU) for now: its training step "
-                               "does not synchronise gradients across DDP processes; run without -num_gpus")
         self.training_only = self.build_training_only_modules(self.textguided, self.bare_network())
         if self.training_only is not None:
             self.training_only = self.training_only.to(self.device)
+            if self.is_ddp:
+                # outside the network's DDP wrapper: rank 0's initial weights everywhere (what DDP does for the
+                # network), BatchNorm synchronised on GPUs (as nnU-Net converts the network's); gradients are
+                # averaged in the step (distributed.average_gradients)
+                if self.device.type == "cuda":
+                    self.training_only = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.training_only)
+                broadcast_module(self.training_only)
         return super().configure_optimizers()  # Adam 3e-4 without weight decay, cosine: the settings' defaults
 
     def optimised_parameters(self):
@@ -178,6 +183,21 @@ class RecLMISTrainer(NoteGuidedTrainer):
             return transforms
         return paper_pipeline(transforms)
 
+    def _average_training_only_gradients(self) -> None:
+        """Under DDP the network's gradients are averaged by its wrapper; the training-only modules' here."""
+        if self.is_ddp and self.training_only is not None:
+            average_gradients(self.training_only.parameters())
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.training_only is not None:
+            self.training_only.train()
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        if self.training_only is not None:
+            self.training_only.eval()
+
     def _clip_gradients(self) -> None:
         # nnU-Net's clipping of the network at norm 12, and of the training-only modules on their own: a joint
         # norm would let the reconstructors' gradients shrink the segmentation network's steps
@@ -201,17 +221,18 @@ class RecLMISTrainer(NoteGuidedTrainer):
             seg = self.loss(logits, target)  # L_Dice + L_CE: nnU-Net's DC_and_CE_loss, both weights 1
             aux = {}
             if self.training_only is not None:
-                self.training_only.train()
                 aux = {k: v for k, v in self.training_only(features).items() if w[k]}
             total = reclmis_objective({"seg": seg, **aux}, w)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
+            self._average_training_only_gradients()
             self.grad_scaler.unscale_(self.optimizer)
             self._clip_gradients()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
+            self._average_training_only_gradients()
             self._clip_gradients()
             self.optimizer.step()
         self._components.append({"seg": float(seg.detach()), **{k: float(v.detach()) for k, v in aux.items()}})
