@@ -200,11 +200,15 @@ def save_tiny_encoder(kind: str, directory) -> str:
     if KINDS.get(name) is None or KINDS[name].module != "tiny":
         raise EncoderSpecError(f"save_tiny_encoder: {kind!r} is not a tiny kind "
                                f"({', '.join(k for k, v in KINDS.items() if v.module == 'tiny')})")
-    spec = load_encoder(kind).save(directory)
+    return mark_untrained(load_encoder(kind).save(directory), kind, "random-init stand-in for tests and demos")
+
+
+def mark_untrained(spec: str, saved_from: str, why: str) -> str:
+    """Write the ``textguided_untrained.json`` marker beside the saved model ``spec`` loads; returns ``spec``."""
     _, arg, _ = parse_spec(spec)
     folder = Path(arg.removeprefix("local-dir:"))
     (folder if folder.is_dir() else folder.parent).joinpath(UNTRAINED_MARKER).write_text(
-        json.dumps({"saved_from": kind, "why": "random-init stand-in for tests and demos"}) + "\n")
+        json.dumps({"saved_from": saved_from, "why": why}) + "\n")
     return spec
 
 

@@ -44,12 +44,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from .base import EncoderSpecError, hub_offline
 from .registry import load_encoder, resolved_parts
 
-__all__ = ["EncoderStructure", "encoder_structure", "KNOWN_HF_MODELS"]
+__all__ = ["EncoderStructure", "encoder_structure", "KNOWN_HF_MODELS", "known_hf_config", "DINOV2_CROP"]
 
 # Published hub configs (hidden, layers, heads); DINOv2 configs have image_size 518 (37x37 position embeddings,
 # interpolated for other inputs), giant uses SwiGLU; their image processor crops to 224.
 _DINOV2 = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "giant": (1536, 40, 24)}
-_DINOV2_CROP = 224
+DINOV2_CROP = 224
 # BERT-base configs differing only in vocabulary size. PubMedBERT/BiomedBERT: own PubMed WordPiece vocabulary of
 # BERT's size (30522 in its config.json, as we understand it; the count moves by 768 per vocabulary entry).
 _BERT_VOCAB = {"bert-base-uncased": 30522, "google-bert/bert-base-uncased": 30522,
@@ -237,16 +237,22 @@ def _hf(spec: str, kind: str, arg: str, opts: dict) -> EncoderStructure:
     p = Path(arg).expanduser()
     if p.exists() or arg.startswith(("/", ".", "~")):
         return _hf_dir(spec, kind, p)
+    cfg = known_hf_config(spec, arg)
+    if hasattr(cfg, "vocab_size"):
+        return _hf_structure(spec, kind, cfg, None, cfg.max_position_embeddings)
+    return _hf_structure(spec, kind, cfg, DINOV2_CROP, None)
+
+
+def known_hf_config(spec: str, arg: str):
+    """The published transformers config of a hub model of ``KNOWN_HF_MODELS`` (no hub needed)."""
     from transformers import BertConfig, Dinov2Config
     size = arg.removeprefix("facebook/dinov2-")
     if size in _DINOV2:
         h, layers, heads = _DINOV2[size]
-        cfg = Dinov2Config(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=4,
-                           image_size=518, patch_size=14, use_swiglu_ffn=size == "giant")
-        return _hf_structure(spec, kind, cfg, _DINOV2_CROP, None)
+        return Dinov2Config(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=4,
+                            image_size=518, patch_size=14, use_swiglu_ffn=size == "giant")
     if arg in _BERT_VOCAB:
-        cfg = BertConfig(vocab_size=_BERT_VOCAB[arg])
-        return _hf_structure(spec, kind, cfg, None, cfg.max_position_embeddings)
+        return BertConfig(vocab_size=_BERT_VOCAB[arg])
     raise EncoderSpecError(f"encoder spec {spec!r}: no hub here, and {arg!r} is not a known hub config "
                            f"({', '.join(KNOWN_HF_MODELS)}); for another model use 'hf:<dir>' with its "
                            "save_pretrained config.json (weights not needed)")
