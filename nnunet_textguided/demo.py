@@ -11,10 +11,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .progress import run_logged
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_TextGuidedPhantom"
@@ -31,12 +32,14 @@ def demo_env(out: Path) -> dict:
     return env
 
 
-def run(cmd: list[str], env: dict, log) -> None:
+def run(cmd: list[str], env: dict, log, epochs: int | None = None) -> None:
+    """Run one step: its output goes to the log; epochs, progress bars and a sign of life at least every 20 s
+    reach the terminal (``progress.run_logged``)."""
     t = time.time()
     print(f"$ {shlex.join(cmd)}", flush=True)
-    r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise SystemExit(f"demo: step failed (exit {r.returncode}): {shlex.join(cmd)}\n      see {log.name}")
+    code = run_logged(cmd, env, log, epochs, echo=lambda line: print(line, flush=True))
+    if code:
+        raise SystemExit(f"demo: step failed (exit {code}): {shlex.join(cmd)}\n      see {log.name}")
     print(f"  done in {time.time() - t:.0f} s", flush=True)
 
 
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
         else:
             print(f"[4/7] no store to fill: {args.tr} embeds slices online", flush=True)
         print(f"[5/7] training {args.tr} on CPU (stock nnUNetv2_train)", flush=True)
-        run(["nnUNetv2_train", str(DATASET_ID), "3d_tiny", "0", "-tr", args.tr, "-device", "cpu"], env, log)
+        run(["nnUNetv2_train", str(DATASET_ID), "3d_tiny", "0", "-tr", args.tr, "-device", "cpu"], env, log,
+            epochs=resolved.epochs)
         pred = out / "predictions"
         predict = "nnUNetv2_predict_textguided" if paper else "nnUNetv2_predict"
         print(f"[6/7] predicting imagesTs ({predict})", flush=True)

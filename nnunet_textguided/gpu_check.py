@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .progress import run_logged
+
 #: method -> (trainer, dataset kind, per-GPU batch at the paper configuration and where it comes from)
 METHODS = {
     "BiCLIP": ("BiCLIPTrainer", "phantom", 8, "Synapse: 32 on 4 GPUs"),
@@ -60,12 +62,11 @@ def _env(root: Path) -> dict:
     return env
 
 
-def _run(cmd: list[str], env: dict, log) -> None:
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {r.returncode} (see {log.name})")
+def _run(cmd: list[str], env: dict, log, timeout: float | None = None) -> None:
+    """Run a step with its output in the log, a sign of life on the terminal (``progress.run_logged``)."""
+    code = run_logged(cmd, env, log, echo=lambda line: print(line, flush=True), timeout=timeout)
+    if code:
+        raise RuntimeError(f"{Path(cmd[0]).name} ... exit code {code} (see {log.name})")
 
 
 def _bin(name: str) -> str:
@@ -287,14 +288,9 @@ def main(argv=None) -> int:
                     print(f"[{time.time() - started:5.0f} s] {method}: training and prediction ({trainer_name})",
                           flush=True)
                     out = root / f"row_{trainer_name}.json"
-                    log.write(f"$ gpu_check --one {method} {datasets[kind]} {configuration}\n")
-                    log.flush()
-                    r = subprocess.run([sys.executable, "-m", "nnunet_textguided.gpu_check", "--device",
-                                        args.device, "--iterations", str(iterations), "--one", method,
-                                        datasets[kind], configuration, str(out)], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, timeout=args.timeout)
-                    if r.returncode:
-                        raise RuntimeError(f"exit code {r.returncode} (traceback in {log_path})")
+                    _run([sys.executable, "-m", "nnunet_textguided.gpu_check", "--device", args.device,
+                          "--iterations", str(iterations), "--one", method, datasets[kind], configuration, str(out)],
+                         env, log, timeout=args.timeout)
                     row = json.loads(out.read_text())
                 except subprocess.TimeoutExpired:
                     row["error"] = f"over {args.timeout} s"
