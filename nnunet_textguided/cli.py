@@ -114,9 +114,8 @@ def parse_set_arguments(method: str | None, items: list[str]) -> tuple[str | Non
 
 
 def cmd_add_config(args) -> int:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     from . import settings
+    from .data.names import dataset_name
     from .encoders.registry import portable_spec
     from .presets import add_configuration, available_presets
     prog = "nnunet-textguided add-config"
@@ -125,10 +124,7 @@ def cmd_add_config(args) -> int:
         preprocessed = os.environ.get("nnUNet_preprocessed")
         if not preprocessed:
             raise FileNotFoundError("nnUNet_preprocessed is not set: export it as for nnUNetv2_plan_and_preprocess")
-        try:
-            dataset = maybe_convert_to_dataset_name(args.d)
-        except (RuntimeError, ValueError) as e:
-            raise FileNotFoundError(f"dataset {args.d!r}: {e}; run nnUNetv2_plan_and_preprocess for it first") from None
+        dataset = dataset_name(args.d, ("nnUNet_preprocessed",))
         plans_file = os.path.join(preprocessed, dataset, args.p + ".json")
         method = args.method
         values: dict = {}

@@ -164,7 +164,7 @@ def run_one(method: str, dataset: str, configuration: str, device_name: str, ite
     import torch
     from batchgenerators.utilities.file_and_folder_operations import join
     from nnunetv2.paths import nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from .data.names import dataset_name
 
     from .conditioning.extract import build_trainer
     from .inference.predict import TextGuidedPredictor
@@ -198,10 +198,10 @@ def run_one(method: str, dataset: str, configuration: str, device_name: str, ite
     predictor = TextGuidedPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                     perform_everything_on_device=device.type == "cuda", device=device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    model_folder = join(os.environ["nnUNet_results"], maybe_convert_to_dataset_name(dataset),
+    model_folder = join(os.environ["nnUNet_results"], dataset_name(dataset),
                         f"{trainer_name}__nnUNetPlans__{configuration}")
     predictor.initialize_from_trained_model_folder(model_folder, ("all",), "checkpoint_final.pth")
-    images = Path(nnUNet_raw) / maybe_convert_to_dataset_name(dataset) / "imagesTs"
+    images = Path(nnUNet_raw) / dataset_name(dataset) / "imagesTs"
     ending = predictor.dataset_json["file_ending"]
     first = sorted(images.glob(f"*_0000{ending}"))[0]
     case = first.name[:-len(f"_0000{ending}")]

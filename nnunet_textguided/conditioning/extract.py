@@ -22,25 +22,30 @@ def build_trainer(dataset: str, configuration: str, trainer_name: str, plans: st
     import torch
     from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    name = maybe_convert_to_dataset_name(dataset)
+    from ..data.names import dataset_name
+    name = dataset_name(dataset, ("nnUNet_preprocessed",))
     folder = join(nnUNet_preprocessed, name)
     plans_file = join(folder, plans + ".json")
     if not isfile(plans_file):
         raise FileNotFoundError(f"{plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
-    trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    except RuntimeError:  # nnU-Net's own lookup raises a multi-line message
+        trainer_class = None
     if trainer_class is None:
-        raise RuntimeError(f"trainer '{trainer_name}' not found; run `eval $(nnunet-textguided env)` so that "
-                           "nnUNet_extTrainer points at the package's trainers folder")
+        raise RuntimeError(f"trainer '{trainer_name}' not found: `nnunet-textguided list` shows the trainers; if it "
+                           "is one of them, run `eval $(nnunet-textguided env)` so that nnUNet_extTrainer points at "
+                           "the package's trainers folder")
     if for_extraction and not hasattr(trainer_class, "extract"):
         raise RuntimeError(f"trainer '{trainer_name}' needs no offline embeddings (its conditioning is computed "
                            "online or from label texts)")
     plans_dict = load_json(plans_file)
+    if configuration not in plans_dict["configurations"]:
+        raise ValueError(f"configuration {configuration!r} is not in {plans_file} (configurations: "
+                         f"{', '.join(plans_dict['configurations'])}); add one with nnunet-textguided add-config")
     if settings:
-        if configuration not in plans_dict["configurations"]:
-            raise ValueError(f"{plans_file} has no configuration '{configuration}'")
         conf = plans_dict["configurations"][configuration]
         block = conf.setdefault("textguided", {})
         method = trainer_class.textguided_method

@@ -348,8 +348,8 @@ def _default_raw_root() -> Path:
 
 
 def _available(raw_root: Path) -> list[str]:
-    return sorted(p.name for p in raw_root.iterdir() if p.is_dir() and re.match(r"Dataset\d{3}_", p.name)) \
-        if raw_root.is_dir() else []
+    from .names import datasets_in
+    return datasets_in(raw_root)
 
 
 def _resolve_source(raw_root: Path, source) -> str:

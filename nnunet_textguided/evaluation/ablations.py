@@ -223,7 +223,7 @@ def run(method: str, dataset: str, base: str, rows: list[AblationRow], output: P
     """Train (``nnUNetv2_train``, skipped when the row's final checkpoint exists) and score each row; writes
     ``output/ablation_<method>.json`` and returns its rows."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from ..data.names import dataset_name
 
     from ..io import atomic_write_json
     from ..presets import add_configuration, available_presets
@@ -233,7 +233,7 @@ def run(method: str, dataset: str, base: str, rows: list[AblationRow], output: P
     if refused:  # before anything is read or written
         raise ValueError(f"these rows are listed but cannot run here: {'; '.join(refused)}")
     budget = dict(budget or {})
-    name = maybe_convert_to_dataset_name(dataset)
+    name = dataset_name(dataset, ("nnUNet_preprocessed",))
     plans_file = Path(nnUNet_preprocessed) / name / f"{plans}.json"
     if not plans_file.is_file():
         raise FileNotFoundError(f"{plans_file} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} first")

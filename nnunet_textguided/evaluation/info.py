@@ -58,11 +58,8 @@ def locate(model_folder: str | None, dataset: str | None, configuration: str | N
                 "dataset_json": json.loads((folder / "dataset.json").read_text())}
     if not (dataset and configuration and trainer):
         raise ValueError("give a MODEL_FOLDER, or -d DATASET -c CONFIGURATION -tr TRAINER")
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except (RuntimeError, ValueError) as e:
-        raise FileNotFoundError(f"dataset {dataset!r}: {e}") from None
+    from ..data.names import dataset_name
+    name = dataset_name(dataset)
     results = os.environ.get("nnUNet_results")
     folder = Path(results, name, f"{trainer}__{plans}__{configuration}") if results else None
     if folder is not None and (folder / "plans.json").is_file():

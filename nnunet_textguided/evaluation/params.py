@@ -88,8 +88,8 @@ def count_plans(trainer, config: str, dataset: str | None = None, configuration:
             raise ValueError("--config plans needs -d DATASET and -c CONFIGURATION")
         from batchgenerators.utilities.file_and_folder_operations import join, load_json
         from nnunetv2.paths import nnUNet_preprocessed
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
+        from ..data.names import dataset_name
+        folder = join(nnUNet_preprocessed, dataset_name(dataset, ("nnUNet_preprocessed",)))
         return load_json(join(folder, plans_identifier + ".json")), configuration, \
             load_json(join(folder, "dataset.json"))
     if config == "paper":

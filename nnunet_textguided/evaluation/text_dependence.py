@@ -116,8 +116,8 @@ def run(dataset: str, configuration: str, trainers: list[str], output: Path, fol
         plans: str = "nnUNetPlans", images: Path | None = None, references: Path | None = None, seed: int = 0,
         device: str = "cpu", checkpoint: str = "checkpoint_final.pth") -> dict:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    name = maybe_convert_to_dataset_name(dataset)
+    from ..data.names import dataset_name
+    name = dataset_name(dataset)
     raw = Path(nnUNet_raw) / name
     images, references = Path(images or raw / "imagesTs"), Path(references or raw / "labelsTs")
     dataset_json = Path(nnUNet_preprocessed) / name / "dataset.json"

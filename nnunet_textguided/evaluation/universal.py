@@ -25,11 +25,13 @@ from ..io import atomic_write_json, atomic_write_text
 
 def _model_folder(dataset: str, configuration: str, trainer: str, plans: str) -> Path:
     from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from ..data.names import dataset_name
     if nnUNet_results is None:
         raise ValueError("nnUNet_results is not set: export it (the folder nnUNetv2_train wrote the model to)")
-    return Path(get_output_folder(maybe_convert_to_dataset_name(dataset), trainer, plans, configuration))
+    name = dataset_name(dataset, ("nnUNet_results",), "train a model on it first")
+    return Path(get_output_folder(name, trainer, plans, configuration))
 
 
 def source_routing(universal, routing: list[int], source: str) -> tuple[list[str], list[int]]:

@@ -43,6 +43,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -482,6 +483,30 @@ def _split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ours, rest
 
 
+def input_problem(argv: list[str]) -> str | None:
+    """What makes nnUNetv2_predict's arguments unusable before anything runs (an unknown dataset, a model folder
+    that does not exist, a missing input folder), in one line; None if nothing."""
+    from ..data.names import DatasetNotFoundError, dataset_name
+
+    def value(flag, default=None):
+        return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+    if value("-i") is not None and not os.path.isdir(value("-i")):
+        return f"input folder {value('-i')} does not exist (-i: the folder with the images to predict)"
+    if value("-d") is None or value("-c") is None:
+        return None  # nnU-Net's parser names the missing arguments
+    try:
+        name = dataset_name(value("-d"), ("nnUNet_results",), "train a model on it first")
+    except DatasetNotFoundError as e:
+        return str(e)
+    results = Path(os.environ["nnUNet_results"], name)
+    model = f"{value('-tr', 'nnUNetTrainer')}__{value('-p', 'nnUNetPlans')}__{value('-c')}"
+    if not (results / model).is_dir():
+        there = sorted(p.name for p in results.iterdir() if p.is_dir() and p.name.count("__") == 2)
+        return (f"no model {model} in {results} (models there: {', '.join(there) or 'none'}); check -tr, -p and -c, "
+                "or train it with nnUNetv2_train")
+    return None
+
+
 def main() -> None:
     # nnU-Net's own entry point and argument parser, with this predictor class in place of nnUNetPredictor
     # (changed in this process only), so every flag behaves exactly as in nnUNetv2_predict; the flags of
@@ -503,6 +528,11 @@ def main() -> None:
     stock.nnUNetPredictor = TextGuidedPredictor
     sys.argv = [PROG] + rest
     encoder_calls = dict(slice_embeddings.ENCODER_CALLS)
+    if not ("-h" in rest or "--help" in rest):
+        problem = input_problem(rest)  # nnU-Net's own checks end these in a traceback
+        if problem:
+            print(f"{PROG}: error: {problem}", file=sys.stderr)
+            sys.exit(2)
     try:
         stock.predict_entry_point()
     except (LabelSelectionError, NoteError, InputImageError, EncoderMismatchError, CheckpointError, SettingsError,
