@@ -240,7 +240,7 @@ def format_table(rows: list[dict], machine: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+    p.add_argument("-device", "--device", dest="device", default="cuda", choices=["cuda", "cpu"],
                    help="cuda: paper configurations with real-size encoders; cpu: tiny presets and encoders")
     p.add_argument("--configurations", choices=["paper", "tiny"],
                    help="paper: the paper presets at each method's per-GPU batch, real-size encoders (default on "

@@ -2,7 +2,7 @@
 what is wrong and what to do, never a traceback. (Runs with the session's nnU-Net folders; dataset 777 is in none
 of them.)"""
 import os
-import sys
+import re
 
 import pytest
 
@@ -19,6 +19,9 @@ def test_help(command):
     r = run_cmd(*command, "--help", check=False, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage" in r.stdout.lower() and "Traceback" not in r.stderr
+    # nnU-Net's -device, with --device as its long form, wherever a device is chosen
+    if re.search(r"(?<!-)-device\b|--device\b", r.stdout) and command[0] != "nnUNetv2_predict_textguided":
+        assert re.search(r"(?<!-)-device\b", r.stdout) and re.search(r"--device\b", r.stdout), r.stdout
 
 
 #: (command, the expected words of its one-line error)

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-num_parts", type=int, default=1)
     p.add_argument("-part_id", type=int, default=0)
-    p.add_argument("-device", default="cpu", help="cpu or cuda")
+    p.add_argument("-device", "--device", dest="device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if not 0 <= args.part_id < args.num_parts:
         p.error("-part_id must be in [0, num_parts)")

@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("-o", help="output folder (logs, predictions, ablation_<method>.json)")
     p.add_argument("-f", default="0", help="fold (default 0)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("-device", default="cpu", help="cpu or cuda")
+    p.add_argument("-device", "--device", dest="device", default="cpu", help="cpu or cuda")
     p.add_argument("--epochs", type=int, help="training budget: epochs (default: the method's setting)")
     p.add_argument("--iterations", type=int, help="training budget: iterations per epoch, also used for the "
                    "validation iterations (default: the settings)")

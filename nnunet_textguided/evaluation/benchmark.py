@@ -480,7 +480,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainers", nargs="+", help="trainer class names (default: every method's base trainers)")
     p.add_argument("--preset", default="3d_tiny", help="configuration preset (3d_tiny; 3d_biclip_paper on a GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("-device", "--device", dest="device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--predict-repeats", type=int, default=3)
     p.add_argument("--batch", type=int, help="batch size (default: the preset's)")

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("-i", help="input images with <CASE>.txt notes (default: nnUNet_raw/<dataset>/imagesTs)")
     p.add_argument("-r", help="reference segmentations (default: nnUNet_raw/<dataset>/labelsTs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the note shuffle")
-    p.add_argument("-device", default="cpu", help="cpu or cuda")
+    p.add_argument("-device", "--device", dest="device", default="cpu", help="cpu or cuda")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
     a = p.parse_args(argv)
     out = Path(a.o)

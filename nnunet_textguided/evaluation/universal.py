@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", required=True, help="output folder: one folder per source dataset, table.md, table.json")
     p.add_argument("--sources", nargs="+", help="source datasets to evaluate (default: every source of the model)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
-    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    p.add_argument("-device", "--device", dest="device", default="cuda", choices=("cuda", "cpu", "mps"))
     p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring")
     p.add_argument("-np", type=int, default=1, help="processes for preprocessing, export and evaluation")
     a = p.parse_args(argv)

@@ -512,7 +512,8 @@ def main() -> None:
     # (changed in this process only), so every flag behaves exactly as in nnUNetv2_predict; the flags of
     # universal models are taken off argv first.
     import nnunetv2.inference.predict_from_raw_data as stock
-    ours, rest = _split_argv(sys.argv[1:])
+    # the long form every other command of the package accepts beside nnU-Net's -device
+    ours, rest = _split_argv(["-device" if a == "--device" else a for a in sys.argv[1:]])
     if "-h" in rest or "--help" in rest:
         print(__doc__)
     # per-label masks come from the probabilities: have nnU-Net save them, and remove them afterwards unless

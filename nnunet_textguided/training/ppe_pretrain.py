@@ -462,7 +462,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate, scaled by batch-size / 256 "
                    "(default 0.05)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("-device", "--device", dest="device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda if available, else cpu)")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
