@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -75,13 +76,26 @@ def cmd_env(args) -> int:
     return 0
 
 
+METHOD_NAMES = {"biclip": "BiCLIP", "cdpdnet": "CDPDNet", "reclmis": "RecLMIS", "tgcnet": "TGC-Net",
+                "mptpn": "MPTPN"}
+
+
 def cmd_list(args) -> int:
     from .encoders import list_encoder_kinds
     from .presets import available_presets
     from .training import trainer_classes
-    print("Trainers (nnUNetv2_train DATASET CONFIG FOLD -tr NAME):")
-    for t in trainer_classes():
-        print(f"  {t.__name__:34s} {(t.__doc__ or '').strip().splitlines()[0]}")
+    trainers = trainer_classes()
+    short = [t for t in trainers if t.schedule_of is not None]
+    print("Trainers (nnUNetv2_train DATASET CONFIG FOLD -tr NAME), by method; each method's paper trainer first, "
+          "then its ablations and variants:")
+    for method, title in METHOD_NAMES.items():
+        print(f"  {title}")
+        for t in trainers:
+            if t.textguided_method == method and (args.all or t.schedule_of is None):
+                print(f"    {t.__name__:36s} {(t.__doc__ or '').strip().splitlines()[0]}")
+    if not args.all:
+        print(f"  (and {len(short)} short schedules for CPU tests and demos, e.g. {short[0].__name__}: "
+              "nnunet-textguided list --all)")
     print("\nEncoder kinds (specs for the *_encoder settings: add-config --set image_encoder=SPEC):")
     for kind, example, desc in list_encoder_kinds():
         print(f"  {kind:13s} {example:60s} {desc}")
@@ -221,7 +235,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="nnunet-textguided", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="trainers, encoder kinds, presets").set_defaults(fn=cmd_list)
+    ls = sub.add_parser("list", help="trainers by method, encoder kinds, presets, trained models")
+    ls.add_argument("--all", action="store_true", help="also the short schedules (_2epochs, _40epochs ...) of tests "
+                    "and demos")
+    ls.set_defaults(fn=cmd_list)
     sub.add_parser("env", help="print the nnUNet_extTrainer export line").set_defaults(fn=cmd_env)
     a = sub.add_parser("add-config", help="add a configuration (a preset + a method's settings) to nnUNetPlans.json",
                        description="Writes configuration CONFIGURATION (default: the preset's name) into the dataset's "
@@ -250,6 +267,8 @@ def main(argv=None) -> int:
     st.set_defaults(fn=cmd_settings)
     for name, (_, help_) in _DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
+    if hasattr(signal, "SIGPIPE"):  # `nnunet-textguided list | head` ends quietly, as other Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
         import importlib

@@ -25,11 +25,20 @@ def test_env_prints_the_trainer_folder():
     assert (Path(folder) / "textguided_trainers.py").is_file()
 
 
-def test_list_shows_trainers_encoders_presets():
+def test_list_shows_trainers_by_method_encoders_presets():
     out = run_cmd("nnunet-textguided", "list").stdout
-    for name in ("BiCLIPTrainer_Net1", "BiCLIPTrainer_online", "BiCLIPTrainer_Net4_2epochs", "tiny-coca", "pmcclip",
-                 "minilm", "3d_tiny", "2d_tiny"):
+    for name in ("BiCLIPTrainer_Net1", "BiCLIPTrainer_online", "tiny-coca", "pmcclip", "minilm", "3d_tiny",
+                 "2d_tiny"):
         assert name in out
+    lines = out.splitlines()
+    # grouped: each method's heading, its paper trainer first
+    for title, paper in (("BiCLIP", "BiCLIPTrainer"), ("CDPDNet", "CDPDNetTrainer"), ("RecLMIS", "RecLMISTrainer"),
+                         ("TGC-Net", "TGCNetTrainer"), ("MPTPN", "MPTPNTrainer")):
+        assert lines[lines.index(f"  {title}") + 1].split()[0] == paper
+    # short schedules only with --all
+    assert "_2epochs" not in out.replace("e.g. ", "").split("short schedules")[0] and "list --all" in out
+    everything = run_cmd("nnunet-textguided", "list", "--all").stdout
+    assert "BiCLIPTrainer_Net4_2epochs" in everything and "RecLMISTrainer_40epochs" in everything
 
 
 def test_add_config_without_plans_fails_clearly():
