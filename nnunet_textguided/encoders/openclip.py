@@ -8,8 +8,10 @@ and one weights file (``open_clip_model.safetensors`` preferred; also ``open_cli
 ``model.safetensors``, ``*.pth``...); the tokenizer comes from ``model_cfg.text_cfg`` (no ``hf_tokenizer_name``
 -> CLIP's SimpleTokenizer). ``OpenClipEncoder.save`` writes exactly that layout.
 
-Captioning: ``generation=beam`` calls open_clip's ``CoCa.generate`` (diverse beam search through transformers'
-``BeamSearchScorer``; works with transformers 4.55.x). ``generation=greedy`` is a small deterministic argmax
+Captioning: ``generation=beam`` is open_clip's ``CoCa.generate`` beam search (6 beams in 3 groups by default),
+run by ``beam_search.group_beam_search`` rather than transformers' ``BeamSearchScorer`` (removed in transformers
+5); the captions are token for token open_clip's (tested against it under transformers 4.x), and each image is
+encoded once instead of once per beam. ``generation=greedy`` is a small deterministic argmax
 loop over ``CoCa.forward`` (open_clip's ``top_k`` path samples with ``torch.multinomial`` and so consumes the
 global RNG). Both honour ``seq_len`` (including the start token) and ``min_seq_len`` (end token blocked while
 the sequence incl. start token is shorter), like ``CoCa.generate``.
@@ -31,6 +33,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import TextTransformer, VisionTransformer
 
+from .beam_search import group_beam_search
 from .base import OPENAI_MEAN, OPENAI_STD, EncoderSpecError, FrozenEncoder
 
 CONFIG_NAME = "open_clip_config.json"
@@ -184,11 +187,14 @@ class CocaEncoder(OpenClipEncoder):
     def _generate_ids(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed (n,3,S,S) -> token ids (n, <=seq_len) starting with the start token."""
         g, m = self.generation, self.model
-        if g["generation"] == "beam":
-            return m.generate(x, generation_type="beam_search", seq_len=g["seq_len"], min_seq_len=g["min_seq_len"],
-                              num_beams=g["beams"], num_beam_groups=g["beam_groups"], sot_token_id=self._sot,
-                              eos_token_id=self._eot, pad_token_id=self._pad)
         _, embs = m._encode_image(x)
+        if g["generation"] == "beam":
+            # open_clip's beam search needs transformers' BeamSearchScorer (gone in transformers 5): the same search
+            # of our own, with each image encoded once rather than once per beam
+            beams = embs.repeat_interleave(g["beams"], 0)
+            return group_beam_search(lambda ids: self.next_token_logits(ids, beams), x.shape[0], self._sot,
+                                     self._eot, self._pad, g["seq_len"], g["min_seq_len"], g["beams"],
+                                     g["beam_groups"], x.device)
         out = torch.full((x.shape[0], 1), self._sot, dtype=torch.long, device=x.device)
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         while out.shape[1] < g["seq_len"] and not done.all():

@@ -1,6 +1,6 @@
 """Behaviour of the frozen-encoder registry: every kind loads, real loaders read what save_tiny_encoder writes
 (hub disabled, exact equality), encoders are frozen, tiny weights are deterministic across processes, bad specs
-fail clearly, CoCa beam search works with the pinned transformers."""
+fail clearly, CoCa beam search captions."""
 from __future__ import annotations
 
 import json
@@ -310,7 +310,8 @@ def test_bad_generation_options(saved):
 
 
 def test_coca_beam_search(tiny):
-    """open_clip's CoCa beam search (transformers BeamSearchScorer) runs with the pinned transformers."""
+    """CoCa's beam-search captions (the package's group beam search, encoders/beam_search.py) are deterministic
+    and batch-independent, and embed to unit vectors."""
     enc = load_encoder("tiny-coca?generation=beam&beams=4&beam_groups=2&seq_len=8&min_seq_len=3")
     assert enc.weight_hash() == tiny["tiny-coca"].weight_hash()
     x = images(5)
