@@ -73,7 +73,9 @@ def group_beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], batch
             group_ids = ids[rows]
             candidates = (logits[rows] + sums[rows, None]).view(batch, size * vocab)
             top_sums, top = torch.topk(candidates, 2 * size, dim=1, largest=True, sorted=True)
-            sources, tokens = torch.div(top, vocab, rounding_mode="floor"), top % vocab
+            # on the host once per group: reading them element by element would sync a GPU thousands of times
+            sources, tokens = torch.div(top, vocab, rounding_mode="floor").tolist(), (top % vocab).tolist()
+            top_sums_host = top_sums.tolist()
             keep_sums = torch.zeros(batch, size, dtype=top_sums.dtype, device=device)
             keep_tokens = torch.zeros(batch, size, dtype=torch.long, device=device)
             keep_rows = torch.zeros(batch, size, dtype=torch.long, device=device)
@@ -83,17 +85,17 @@ def group_beam_search(next_logits: Callable[[torch.Tensor], torch.Tensor], batch
                     continue
                 kept = 0
                 for rank in range(2 * size):
-                    row = b * size + int(sources[b, rank])
-                    if int(tokens[b, rank]) == eot:
+                    row = b * size + sources[b][rank]
+                    if tokens[b][rank] == eot:
                         if rank < size:
-                            finished[b][group].add(group_ids[row].clone(), float(top_sums[b, rank]), length)
+                            finished[b][group].add(group_ids[row].clone(), top_sums_host[b][rank], length)
                     else:
                         keep_sums[b, kept], keep_tokens[b, kept], keep_rows[b, kept] = top_sums[b, rank], \
-                            tokens[b, rank], row
+                            tokens[b][rank], row
                         kept += 1
                     if kept == size:
                         break
-                done[b][group] = finished[b][group].cannot_improve(float(top_sums[b, 0]), length)
+                done[b][group] = finished[b][group].cannot_improve(top_sums_host[b][0], length)
             sums[rows] = keep_sums.view(-1)
             ids[rows] = group_ids[keep_rows.view(-1)]
             new_tokens[rows] = keep_tokens.view(-1)
